@@ -1,0 +1,67 @@
+"""onepeace: ONE-PEACE (one representation for image, audio and text) without fairseq.
+
+>>> import onepeace
+>>> model = onepeace.load("checkpoint.pt")            # a released .pt or a converted folder
+>>> model.encode_text(["a dog"]).shape                 # (N, D), L2-normalised
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .config import ModelConfig, get_config, NAMED_CONFIGS
+from .modeling.model import ModelOutput, OnePeaceModel
+
+__version__ = "0.1.0"
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return sorted(NAMED_CONFIGS)
+
+
+def create_model(name_or_config: str | ModelConfig, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, modalities: Sequence[str] | None = None) -> OnePeaceModel:
+    """A randomly initialised model of a named size (``device="meta"`` builds it without memory)."""
+    config = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    if modalities is not None:
+        config = config.select(modalities)
+    with torch.device(device):
+        model = OnePeaceModel(config)
+    return model.to(dtype=dtype)
+
+
+def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32,
+         modalities: Sequence[str] | None = None, allow_unsafe_pickle: bool = False) -> OnePeaceModel:
+    """Load a released ONE-PEACE `.pt` checkpoint or a folder written by `onepeace convert`.
+
+    dtype: compute dtype (float32, float16, bfloat16; None keeps the stored dtype).
+    modalities: load only these branches, e.g. ("text", "image"); other tensors are never read.
+    allow_unsafe_pickle: unpickle with torch's full unpickler (runs code from the file: trusted files only).
+    The returned model is in eval mode; `model.load_report` says what was ignored or recomputed.
+    """
+    from .checkpoint import CONFIG_FILE, load_converted, load_released_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        if not (path / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"{path} is a folder without {CONFIG_FILE}: not a converted onepeace model")
+        model, _ = load_converted(path, modalities=modalities, dtype=dtype, device=device)
+    else:
+        model, _ = load_released_checkpoint(path, modalities=modalities, dtype=dtype, device=device,
+                                            allow_unsafe=allow_unsafe_pickle)
+    return model
+
+
+def get_tokenizer(bpe_dir: str | os.PathLike | None = None, max_length: int = 70):
+    """The released GPT-2 BPE + dictionary tokenizer (see :mod:`onepeace.tokenizer`)."""
+    from .tokenizer import get_tokenizer as _get
+
+    return _get(bpe_dir, max_length=max_length)
+
+
+__all__ = ["ModelConfig", "ModelOutput", "OnePeaceModel", "create_model", "get_config", "get_tokenizer",
+           "list_models", "load"]

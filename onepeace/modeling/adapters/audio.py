@@ -1,0 +1,143 @@
+"""Audio adapter: wav2vec2-style conv feature extractor on the raw 16 kHz waveform, convolutional
+(or fixed) positions, CLS with its own position, 1-D relative bias."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config import AudioAdapterConfig
+from ..relative_position import bucket_index_1d
+from .base import Adapter, AdapterOutput
+
+
+class FeatureConvBlock(nn.Module):
+    """Conv1d -> LayerNorm over channels (per time step) -> GELU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, bias: bool):
+        super().__init__()
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel, stride=stride, bias=bias)
+        self.norm = nn.LayerNorm(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, N) -> (B, C_out, N')
+        x = self.conv(x)
+        x = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        return F.gelu(x)
+
+
+class ConvPositionalEmbedding(nn.Module):
+    """Positions computed from the frames: `depth` blocks of grouped Conv1d -> (drop the last frame if
+    the kernel is even) -> LayerNorm without affine -> GELU; optionally a LayerNorm(D) first."""
+
+    def __init__(self, dim: int, depth: int, kernel: int, groups: int, pre_norm: bool):
+        super().__init__()
+        self.kernel = kernel
+        self.pre_norm = nn.LayerNorm(dim) if pre_norm else None
+        self.convs = nn.ModuleList(
+            nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups) for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        x = x.transpose(1, 2)  # (B, D, T)
+        for conv in self.convs:
+            x = conv(x)
+            if self.kernel % 2 == 0:
+                x = x[:, :, :-1]
+            x = F.layer_norm(x.transpose(1, 2), (x.shape[1],)).transpose(1, 2)
+            x = F.gelu(x)
+        return x.transpose(1, 2)
+
+
+class AudioAdapter(Adapter):
+    RELEASED_NAMES = [
+        (r"^feature_extractor\.(\d+)\.conv\.(weight|bias)$", r"embed_audios.0.conv_layers.\1.0.\2"),
+        (r"^feature_extractor\.(\d+)\.norm\.(weight|bias)$", r"embed_audios.0.conv_layers.\1.2.1.\2"),
+        (r"^feature_norm\.(weight|bias)$", r"embed_audios.2.\1"),
+        (r"^feature_proj\.(weight|bias)$", r"embed_audios.3.\1"),
+        (r"^pos_embed\.weight$", "embed_positions.weight"),
+        (r"^pos_conv\.pre_norm\.(weight|bias)$", r"embed_positions.0.\1"),
+        # conv blocks sit at indices 1..depth (index 0 is a transpose); inside a second Sequential
+        # when conv_pos_pre_ln is set: see `released_names` below
+        (r"^mask_token$", "mask_embedding"),
+    ]
+
+    def __init__(self, cfg: AudioAdapterConfig, embed_dim: int, num_heads: int, num_rel_tables: int = 1):
+        super().__init__(cfg, embed_dim, num_heads, num_rel_tables, num_rel_rows=2 * cfg.bucket_size + 2)
+        blocks, prev = [], 1
+        for channels, kernel, stride in cfg.feature_encoder_spec:
+            blocks.append(FeatureConvBlock(prev, channels, kernel, stride, bias=cfg.conv_bias))
+            prev = channels
+        self.feature_extractor = nn.ModuleList(blocks)
+        if blocks:
+            self.feature_norm = nn.LayerNorm(prev)
+            self.feature_proj = nn.Linear(prev, embed_dim)
+        else:  # the pretraining decoder's audio adapter only adds positions
+            self.feature_norm = self.feature_proj = None
+        if cfg.abs_pos_type == "conv":
+            self.pos_conv = ConvPositionalEmbedding(embed_dim, cfg.conv_pos_depth, cfg.conv_pos_kernel,
+                                                    cfg.conv_pos_groups, cfg.conv_pos_pre_ln)
+            self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, embed_dim))
+            self.pos_embed = None
+        elif cfg.abs_pos_type == "fixed":
+            self.pos_conv = self.cls_pos_embed = None
+            self.pos_embed = nn.Embedding(cfg.max_positions, embed_dim)
+        else:
+            raise ValueError(f"unknown abs_pos_type {cfg.abs_pos_type!r}; known: 'conv', 'fixed'")
+        # present in the released files; the inference path does not use it
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+
+    def released_name_rules(self) -> list[tuple[str, str]]:
+        conv_prefix = "embed_positions.1." if self.cfg.conv_pos_pre_ln else "embed_positions."
+        offset_rule = (r"^pos_conv\.convs\.(\d+)\.(weight|bias)$",
+                       lambda m: f"{conv_prefix}{int(m[1]) + 1}.0.{m[2]}")
+        return self.released_names() + [offset_rule]
+
+    def bias_index(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        return bucket_index_1d(self.cfg.bucket_size, device=str(device))
+
+    def num_frames(self, num_samples: int) -> int:
+        for _, kernel, stride in self.cfg.feature_encoder_spec:
+            num_samples = 1 + (num_samples - kernel) // stride
+        return num_samples
+
+    def extract_features(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """(B, N) 16 kHz samples -> (B, T', D) frame features (50 per second for the released spec)."""
+        if self.feature_proj is None:
+            raise RuntimeError("this audio adapter has no feature extractor (a decoder adapter)")
+        if waveforms.dim() != 2:
+            raise ValueError(f"waveforms must be (B, N), got {tuple(waveforms.shape)}")
+        if self.num_frames(waveforms.shape[1]) < 1:
+            raise ValueError(f"{waveforms.shape[1]} samples is too short for the audio feature extractor")
+        x = waveforms.unsqueeze(1)  # (B, 1, N)
+        for block in self.feature_extractor:
+            x = block(x)
+        x = self.feature_norm(x.transpose(1, 2))  # (B, T', C)
+        return self.feature_proj(x)
+
+    def embed_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T', D) frames -> (B, T' + 1, D): CLS prepended, positions added."""
+        if self.pos_conv is not None:
+            positions = self.pos_conv(frames)  # computed from the frames BEFORE the embedding LayerNorm
+            positions = torch.cat([self.cls_pos_embed.expand(frames.shape[0], -1, -1).to(frames.dtype), positions], 1)
+        else:
+            positions = self.pos_embed.weight[: frames.shape[1] + 1].unsqueeze(0)
+        x = self.prepend_cls(frames)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        return x + positions
+
+    def forward(self, waveforms: torch.Tensor, padding_mask: torch.Tensor | None = None) -> AdapterOutput:
+        """waveforms (B, N) (layer-normed, zero-padded), padding_mask (B, T' + 1) True = pad."""
+        frames = self.extract_features(waveforms)
+        B, T = frames.shape[:2]
+        if padding_mask is None:
+            padding_mask = torch.zeros(B, T + 1, dtype=torch.bool, device=frames.device)
+        elif padding_mask.shape != (B, T + 1):
+            raise ValueError(
+                f"audio_padding_mask must be (B, T'+1) = {(B, T + 1)} for {waveforms.shape[1]} samples, "
+                f"got {tuple(padding_mask.shape)}"
+            )
+        x = self.embed_frames(frames)
+        return AdapterOutput(self.finish(x), padding_mask.bool())

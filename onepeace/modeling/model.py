@@ -1,0 +1,230 @@
+"""The ONE-PEACE model: adapters -> one shared encoder -> per-modality LayerNorm -> projection heads."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..registry import adapter_class
+from .adapters import Adapter, AdapterOutput
+from .encoder import Encoder
+
+
+@dataclass
+class ModelOutput:
+    """Per-modality results of a forward pass (keys are modality names).
+
+    embeddings: (B, D) L2-normalised projections of the CLS state (single-modality passes of a
+        model with projection heads; joint passes have none).
+    hidden_states: (B, S_m, D) final states after the modality's LayerNorm, CLS first.
+    padding_masks: (B, S_m) bool, True = padding.
+    """
+
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden_states: dict[str, torch.Tensor] = field(default_factory=dict)
+    padding_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class OnePeaceModel(nn.Module):
+    """ONE-PEACE: adapters for each modality feeding one shared Multiway Transformer.
+
+    >>> model = OnePeaceModel(get_config("one-peace-tiny"))
+    >>> out = model(text=torch.tensor([[10, 20, 2]]))
+    >>> out.embeddings["text"].shape
+    torch.Size([1, 64])
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        enc = config.encoder
+        self.adapters = nn.ModuleDict({
+            name: adapter_class(cfg)(cfg, enc.embed_dim, enc.attention_heads, enc.rel_pos_tables)
+            for name, cfg in config.adapters.items()
+        })
+        self.encoder = Encoder(enc, experts=list(config.adapters))
+        if config.projections:
+            self.projections = nn.ModuleDict({name: nn.Linear(enc.embed_dim, enc.embed_dim) for name in config.adapters})
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
+        else:
+            self.projections = None
+            self.logit_scale = None
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.adapters)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """exp(logit_scale) clamped to [1, 100], the scale of the contrastive logits."""
+        return self.logit_scale.clamp(0, math.log(100)).exp()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, text: torch.Tensor | None = None, image: torch.Tensor | None = None,
+                audio: torch.Tensor | None = None, audio_padding_mask: torch.Tensor | None = None,
+                fuse: bool = False, **other: torch.Tensor) -> ModelOutput:
+        """Run single-modality passes (default) or ONE joint pass over all given modalities (`fuse`).
+
+        text: (B, T) int64 ids, pad 1; image: (B, 3, S, S) normalised; audio: (B, N) 16 kHz
+        waveforms (layer-normed, zero-padded) with `audio_padding_mask` (B, T'+1), True = pad.
+        Other registered modalities come as keyword arguments, with `{name}_padding_mask`.
+        """
+        inputs: dict[str, torch.Tensor] = {}
+        masks: dict[str, torch.Tensor | None] = {"audio": audio_padding_mask}
+        for name, value in (("text", text), ("image", image), ("audio", audio)):
+            if value is not None:
+                inputs[name] = value
+        for key, value in other.items():
+            if key.endswith("_padding_mask"):
+                masks[key[: -len("_padding_mask")]] = value
+            elif value is not None:
+                inputs[key] = value
+        if not inputs:
+            raise ValueError(f"no inputs given; this model takes {list(self.modalities)}")
+        missing = [m for m in inputs if m not in self.adapters]
+        if missing:
+            raise ValueError(f"this model has no {missing} branch (it has {list(self.modalities)}); "
+                             "was it loaded with modalities=...?")
+        order = [m for m in self.modalities if m in inputs]  # canonical order: text first
+        outs = {m: self.embed_inputs(m, inputs[m], masks.get(m)) for m in order}
+
+        result = ModelOutput()
+        groups = [order] if fuse else [[m] for m in order]
+        for group in groups:
+            hidden = self.encode(
+                [(m, outs[m]) for m in group])
+            for m in group:
+                result.hidden_states[m] = hidden[m]
+                result.padding_masks[m] = outs[m].padding_mask
+            if len(group) == 1 and self.projections is not None:
+                m = group[0]
+                result.embeddings[m] = self.project(m, hidden[m][:, 0])
+        return result
+
+    def embed_inputs(self, modality: str, value: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                     **kwargs: Any) -> AdapterOutput:
+        """Run one adapter: raw tensor -> (B, S, D) tokens with their padding mask."""
+        adapter = self.adapters[modality]
+        if value.is_floating_point():
+            value = value.to(self.dtype)
+        if padding_mask is not None:
+            return adapter(value, padding_mask=padding_mask, **kwargs)
+        return adapter(value, **kwargs)
+
+    def encode(self, segments: Sequence[tuple[str, AdapterOutput]]) -> dict[str, torch.Tensor]:
+        """One encoder pass over the concatenation of the segments (in the given order).
+
+        Returns each segment's final hidden states (B, S_m, D) after its own final LayerNorm.
+        """
+        x = torch.cat([out.tokens for _, out in segments], dim=1)  # (B, S, D)
+        padding_mask = torch.cat([out.padding_mask for _, out in segments], dim=1)  # (B, S)
+        has_padding = bool(padding_mask.any())
+        if has_padding:
+            x = x * (1 - padding_mask.unsqueeze(-1).to(x.dtype))  # padded rows enter as zero vectors
+        layout = [(name, out.tokens.shape[1]) for name, out in segments]
+        masks = self.attention_masks(segments, padding_mask if has_padding else None, x.dtype)
+        hidden = self.encoder(x, masks, layout)
+        result, start = {}, 0
+        for name, length in layout:
+            result[name] = hidden[:, start:start + length]
+            start += length
+        return result
+
+    def attention_masks(self, segments: Sequence[tuple[str, AdapterOutput]], padding_mask: torch.Tensor | None,
+                        dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """Additive attention masks, one per relative-bias table (1, or one per layer), built once.
+
+        Each modality's relative bias sits on its own diagonal block (cross-modality blocks are 0);
+        key-padding columns are -inf. With no bias tables there is no mask at all, even with padding
+        (the reference's behaviour, kept for parity: padded rows then still act as keys).
+        """
+        n_tables = max(self.adapters[name].num_rel_tables for name, _ in segments)
+        if n_tables == 0:
+            return None
+        masks = []
+        for t in range(n_tables):
+            if len(segments) == 1:
+                name, out = segments[0]
+                mask = self.adapters[name].attention_bias(t, out).to(dtype)  # (1|B, H, S, S)
+            else:
+                B = segments[0][1].tokens.shape[0]
+                S = sum(out.tokens.shape[1] for _, out in segments)
+                H = self.config.encoder.attention_heads
+                mask = torch.zeros(B, H, S, S, dtype=dtype, device=segments[0][1].tokens.device)
+                start = 0
+                for name, out in segments:
+                    length = out.tokens.shape[1]
+                    adapter = self.adapters[name]
+                    if adapter.num_rel_tables:
+                        mask[:, :, start:start + length, start:start + length] = adapter.attention_bias(t, out)
+                    start += length
+            if padding_mask is not None:
+                mask = mask.masked_fill(padding_mask[:, None, None, :], float("-inf"))
+            masks.append(mask)
+        return masks
+
+    def project(self, modality: str, cls_state: torch.Tensor) -> torch.Tensor:
+        """(B, D) CLS state -> (B, D) L2-normalised embedding."""
+        if self.projections is None:
+            raise RuntimeError("this model has no projection heads (a task checkpoint)")
+        return F.normalize(self.projections[modality](cls_state), dim=-1)
+
+    # ------------------------------------------------------------------ raw inputs
+    @property
+    def tokenizer(self) -> Callable:
+        """The released BPE tokenizer (found via ONEPEACE_BPE_DIR or the cache); settable."""
+        if self._tokenizer is None:
+            from ..tokenizer import get_tokenizer
+
+            max_length = self.config.adapters["text"].max_length if "text" in self.config.adapters else 70
+            self._tokenizer = get_tokenizer(max_length=max_length)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Callable) -> None:
+        self._tokenizer = value
+
+    def encode_text(self, texts: str | Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Raw strings -> (N, D) L2-normalised embeddings, in input order."""
+        from ..inference import encode_texts
+
+        return encode_texts(self, [texts] if isinstance(texts, str) else list(texts), batch_size)
+
+    def encode_image(self, images: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
+        """Paths or PIL images -> (N, D) L2-normalised embeddings."""
+        from ..inference import encode_images
+
+        return encode_images(self, _as_list(images), batch_size)
+
+    def encode_audio(self, audios: Sequence[Any], batch_size: int = 8) -> torch.Tensor:
+        """Paths, (array, sample_rate) pairs or 16 kHz arrays -> (N, D) L2-normalised embeddings."""
+        from ..inference import encode_audios
+
+        return encode_audios(self, _as_list(audios, tuple_is_item=True), batch_size)
+
+
+def _as_list(items: Any, tuple_is_item: bool = False) -> list:
+    if isinstance(items, (list,)):
+        return items
+    if isinstance(items, tuple) and not tuple_is_item:
+        return list(items)
+    if isinstance(items, tuple) and tuple_is_item and len(items) == 2 and isinstance(items[1], int):
+        return [items]
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__") or isinstance(items, torch.Tensor):
+        return [items]
+    return list(items)
