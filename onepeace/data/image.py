@@ -50,9 +50,8 @@ __all__ = [
 #: File suffixes (lower case) treated as images when scanning folders.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
-#: CLIP normalisation constants used by ONE-PEACE (RGB order).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: CLIP normalisation constants used by ONE-PEACE (RGB order); defined with the model config.
+from ..config import CLIP_MEAN, CLIP_STD  # noqa: E402
 
 ImageSource = Union[str, "os.PathLike[str]", Image.Image]
 

@@ -1,0 +1,286 @@
+"""The `onepeace` command line: embed, convert, info."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+TEXT_EXTENSIONS = frozenset({".txt"})
+
+
+def _dtype(name: str) -> torch.dtype | None:
+    if name == "keep":
+        return None
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)} or 'keep'") from None
+
+
+def _modalities(value: str | None) -> tuple[str, ...] | None:
+    return tuple(m.strip() for m in value.split(",") if m.strip()) if value else None
+
+
+def _load_model(args: argparse.Namespace):
+    import onepeace
+
+    return onepeace.load(args.model, device=args.device, dtype=args.dtype, modalities=args.modalities,
+                         allow_unsafe_pickle=getattr(args, "allow_unsafe_pickle", False))
+
+
+# ------------------------------------------------------------------------------------------ embed
+def find_inputs(paths: Sequence[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Files and folders -> ([(modality, path)], [(path, problem)]). Folders are walked recursively,
+    in sorted order; their files of unknown type are ignored, explicitly named ones are reported."""
+    from .data.audio import AUDIO_EXTENSIONS
+    from .data.image import IMAGE_EXTENSIONS
+
+    def modality_of(p: Path) -> str | None:
+        ext = p.suffix.lower()
+        if ext in IMAGE_EXTENSIONS:
+            return "image"
+        if ext in AUDIO_EXTENSIONS:
+            return "audio"
+        if ext in TEXT_EXTENSIONS:
+            return "text"
+        return None
+
+    found, problems = [], []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            for f in sorted(q for q in p.rglob("*") if q.is_file()):
+                m = modality_of(f)
+                if m is not None:
+                    found.append((m, str(f)))
+        elif p.exists():
+            m = modality_of(p)
+            if m is None:
+                problems.append((str(p), f"unknown file type {p.suffix!r}"))
+            else:
+                found.append((m, str(p)))
+        else:
+            problems.append((str(p), "no such file or folder"))
+    return found, problems
+
+
+def _text_items(path: str) -> list[tuple[str, str]]:
+    """A .txt file: one text per non-empty line, named path:line."""
+    with open(path, encoding="utf-8") as f:
+        return [(f"{path}:{n}", line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from . import inference
+
+    items, failed = find_inputs(args.inputs)
+    texts = [(f"--text[{i}]", t) for i, t in enumerate(args.text or [])]
+    for modality, path in [x for x in items if x[0] == "text"]:
+        try:
+            texts += _text_items(path)
+        except (OSError, UnicodeDecodeError) as e:
+            failed.append((path, f"cannot read text file: {e}"))
+    items = [x for x in items if x[0] != "text"]
+    if not items and not texts:
+        print("nothing to embed: no image, audio or .txt files found and no --text given", file=sys.stderr)
+        for path, why in failed:
+            print(f"  skipped {path}: {why}", file=sys.stderr)
+        return 2
+
+    model = _load_model(args)
+    if args.bpe_dir:
+        from .tokenizer import get_tokenizer
+
+        model.tokenizer = get_tokenizer(args.bpe_dir)
+    names: list[str] = []
+    modalities: list[str] = []
+    chunks: list[torch.Tensor] = []
+
+    def report(path: str, why: str) -> None:
+        failed.append((path, why))
+        tqdm.write(f"skipped {path}: {why}", file=sys.stderr)
+
+    plans = [("image", [(p, p) for m, p in items if m == "image"]),
+             ("audio", [(p, p) for m, p in items if m == "audio"]),
+             ("text", texts)]
+    total = sum(len(v) for _, v in plans)
+    bar = tqdm(total=total, unit="item", desc="embedding", disable=args.quiet)
+    for modality, entries in plans:
+        if not entries:
+            continue
+        if modality not in model.adapters:
+            for name, _ in entries:
+                report(name, f"the model has no {modality} branch")
+            bar.update(len(entries))
+            continue
+        try:
+            prepare = {"image": lambda: inference.image_transform(model),
+                       "audio": lambda: inference.audio_transform(model),
+                       "text": lambda: model.tokenizer.encode}[modality]()
+            embed = {"image": inference.embed_image_tensors, "audio": inference.embed_waveforms,
+                     "text": inference.embed_token_ids}[modality]
+        except (FileNotFoundError, ValueError) as e:  # e.g. no tokenizer files
+            for name, _ in entries:
+                report(name, str(e))
+            bar.update(len(entries))
+            continue
+        batch = args.batch_size or {"image": 32, "audio": 8, "text": 64}[modality]
+        for start in range(0, len(entries), batch):
+            ok_names, prepared = [], []
+            for name, source in entries[start:start + batch]:
+                try:
+                    prepared.append(prepare(source))
+                    ok_names.append(name)
+                except (ValueError, OSError) as e:  # InputError is a ValueError and names the input
+                    report(name, str(e))
+            if prepared:
+                try:
+                    emb = embed(model, prepared, batch_size=batch)
+                except ValueError as e:  # e.g. token ids outside a toy model's vocabulary
+                    for name in ok_names:
+                        report(name, str(e))
+                else:
+                    chunks.append(emb.cpu())
+                    names += ok_names
+                    modalities += [modality] * len(ok_names)
+            bar.update(len(entries[start:start + batch]))
+    bar.close()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dim = model.config.encoder.embed_dim
+    embeddings = torch.cat(chunks).numpy() if chunks else np.zeros((0, dim), np.float32)
+    np.savez(out, embeddings=embeddings, files=np.array(names, dtype=str), modalities=np.array(modalities, dtype=str),
+             failed_files=np.array([p for p, _ in failed], dtype=str),
+             failed_errors=np.array([w for _, w in failed], dtype=str))
+    counts = {m: modalities.count(m) for m in dict.fromkeys(modalities)}
+    print(f"wrote {out}: {len(names)} embeddings of dim {dim} "
+          f"({', '.join(f'{n} {m}' for m, n in counts.items()) or 'none'}); {len(failed)} skipped")
+    return 0 if names else 1
+
+
+# ------------------------------------------------------------------------------------------ convert
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import load_released_checkpoint, save_converted
+
+    model, report = load_released_checkpoint(args.checkpoint, dtype=args.dtype, modalities=args.modalities,
+                                             allow_unsafe=args.allow_unsafe_pickle)
+    out = save_converted(model, args.out_dir)
+    print(report.summary())
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} ({n:,} parameters, {model.dtype})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ info
+def parameter_counts(model) -> dict[str, int]:
+    """Parameters by branch: 'shared' (attention, norms, logit scale) and one entry per modality."""
+    from .checkpoint import _our_key_modality
+
+    counts = {"shared": 0, **{m: 0 for m in model.modalities}}
+    for name, p in model.named_parameters():
+        counts[_our_key_modality(name, model.modalities) or "shared"] += p.numel()
+    return counts
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = _load_model(args)
+    report = model.load_report
+    counts = parameter_counts(model)
+    total = sum(counts.values())
+    enc = model.config.encoder
+    info = {
+        "model": str(args.model),
+        "modalities": list(model.modalities),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "device": str(model.device),
+        "parameters": {"total": total, **counts},
+        "not_loaded": report.skipped_modalities,
+        "storage_dtypes": report.storage_dtypes,
+        "config": model.config.to_dict(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model        {args.model}")
+    print(f"encoder      D={enc.embed_dim} F={enc.ffn_embed_dim} L={enc.layers} H={enc.attention_heads} "
+          f"(magneto={enc.magneto_scale_attn}, scale_fc={enc.scale_fc}, layer_scale={enc.use_layer_scale}, "
+          f"rel_pos_tables={enc.rel_pos_tables})")
+    print(f"modalities   {', '.join(model.modalities)}")
+    print(f"dtype        {info['dtype']} (stored: {', '.join(f'{k} x{v}' for k, v in report.storage_dtypes.items())})")
+    print(f"parameters   {total:,} total")
+    for branch, n in counts.items():
+        print(f"  {branch:<10} {n:>15,}")
+    for m, n in report.skipped_modalities.items():
+        print(f"  {m:<10} {'not loaded':>15} ({n} tensors in the file left unread)")
+    if report.recomputed or report.pretraining_only or report.placeholders:
+        print(f"ignored      {report.summary()}")
+    for name, cfg in model.config.adapters.items():
+        fields = {k: v for k, v in cfg.to_dict().items() if k != "kind"}
+        print(f"{name + ' adapter':<13}" + " " + ", ".join(f"{k}={v}" for k, v in fields.items()))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onepeace", description="ONE-PEACE embeddings without fairseq.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
+        if model_flag:
+            p.add_argument("--model", "-m", required=True, help="released .pt checkpoint or converted folder")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--dtype", type=_dtype, default=torch.float32, help="float32 (default), bfloat16, float16, keep")
+        p.add_argument("--modalities", type=_modalities, default=None, help="load only these, e.g. text,image")
+        p.add_argument("--allow-unsafe-pickle", action="store_true",
+                       help="unpickle with torch's full unpickler (runs code from the file: trusted files only)")
+
+    p = sub.add_parser("embed", help="embed image/audio files, folders and texts into an .npz")
+    p.add_argument("inputs", nargs="*", help="files or folders (modality from the extension; .txt: one text per line)")
+    p.add_argument("--text", "-t", action="append", help="a text to embed (repeatable)")
+    p.add_argument("--out", "-o", default="embeddings.npz")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--bpe-dir", default=None, help="folder with encoder.json, vocab.bpe, dict.txt")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    model_options(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("convert", help="released .pt -> config.json + model.safetensors")
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", type=_dtype, default=None, help="storage dtype of the output (default: keep)")
+    p.add_argument("--modalities", type=_modalities, default=None)
+    p.add_argument("--allow-unsafe-pickle", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="config, parameters per modality, dtype")
+    p.add_argument("model", help="released .pt checkpoint or converted folder")
+    p.add_argument("--json", action="store_true")
+    model_options(p, model_flag=False)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"onepeace {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
