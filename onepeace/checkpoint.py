@@ -406,6 +406,8 @@ def _take_tensors(state: Mapping[str, Any], key_map: dict[str, str], all_modalit
     unexpected, tensors = [], {}
     for key, value in state.items():
         if key in by_released:
+            if not isinstance(value, (LazyTensor, torch.Tensor)):
+                raise CheckpointError(f"{path}: {key} is not a tensor but {value!r}; refusing to load it")
             tensors[by_released[key]] = value
             continue
         modality = released_key_modality(key, all_modalities)
@@ -526,3 +528,46 @@ __all__ = [
     "CheckpointError", "LoadReport", "config_from_released", "convert_checkpoint", "load_converted",
     "load_released_checkpoint", "released_key_map", "save_converted", "parse_feature_spec",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# writing the released layout (for interoperability with the official code and for tests)
+# ---------------------------------------------------------------------------------------------
+def released_cfg(config: ModelConfig) -> dict[str, Any]:
+    """A `cfg` dict in the released layout describing `config` (what config_from_released reads)."""
+    enc = config.encoder
+    encoder: dict[str, Any] = {
+        "embed_dim": enc.embed_dim, "ffn_embed_dim": enc.ffn_embed_dim, "layers": enc.layers,
+        "attention_heads": enc.attention_heads, "magneto_scale_attn": enc.magneto_scale_attn,
+        "scale_attn": enc.scale_attn, "scale_fc": enc.scale_fc, "scale_heads": enc.scale_heads,
+        "use_layer_scale": enc.use_layer_scale, "layer_scale_init_value": enc.layer_scale_init_value,
+        "drop_path_rate": enc.drop_path_rate, "dropout": enc.dropout, "attention_dropout": enc.attention_dropout,
+        "activation_dropout": enc.activation_dropout,
+    }
+    task: dict[str, Any] = {}
+    for name, acfg in config.adapters.items():
+        fields = {k: v for k, v in acfg.to_dict().items() if k != "kind"}
+        if name == "audio":
+            fields["feature_encoder_spec"] = repr([tuple(t) for t in acfg.feature_encoder_spec])
+        if name == "image":
+            task["patch_image_size"] = acfg.image_size
+        if name == "text":
+            task["max_src_length"] = acfg.max_length
+        encoder[f"{name}_adapter"] = fields
+    return {"model": {"_name": "one_peace_retrieval", "copy_rel_pos_table": enc.rel_pos_tables > 1,
+                      "encoder": encoder}, "task": task}
+
+
+def released_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters under their released names."""
+    key_map = released_key_map(model)
+    return {key_map[k]: v for k, v in model.state_dict().items()}
+
+
+def save_released_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Write a checkpoint in the released file layout ({'cfg', 'model', ...}), atomically."""
+    obj = {"args": None, "cfg": released_cfg(model.config), "model": released_state_dict(model),
+           "optimizer_history": [], "last_optimizer_state": None, "extra_state": {}}
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
