@@ -34,13 +34,18 @@ from onepeace.data.image import (
     preprocess_images,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-ASSETS = SHARED / "assets"
-FIXTURE = SHARED / "fixtures" / "official-tiny" / "expected.pt"
+from conftest import ASSETS, FIXTURES, require
+
+FIXTURE = FIXTURES / "official-tiny" / "expected.pt"
 TINY_SPEC = [(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2
 RELEASED_SPEC = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
 
-needs_assets = pytest.mark.skipif(not ASSETS.is_dir(), reason="shared assets not available")
+
+
+def needs_assets(test):
+    """Marks tests that read the shared sample files (they fail clearly when the folder is missing)."""
+    require(ASSETS)
+    return test
 
 
 # ============================================================================================
@@ -377,9 +382,8 @@ def test_feature_lengths():
     assert expected[-1] == 0  # too short: no frames, not a negative count
 
 
-@pytest.mark.skipif(not FIXTURE.is_file(), reason="official-tiny fixture not available")
 def test_collate_matches_fixture_mask():
-    inputs = torch.load(FIXTURE, weights_only=True)["inputs"]
+    inputs = torch.load(require(FIXTURE), weights_only=True)["inputs"]
     audios, mask = inputs["src_audios"], inputs["audio_padding_masks"]
     assert audios.shape == (2, 24000) and mask.shape == (2, 75)
     lengths = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,21 +11,21 @@ import torch
 from onepeace import tokenizer as tokenizer_module
 from onepeace.tokenizer import BPE_FILES, Tokenizer, get_tokenizer, resolve_bpe_dir
 
-SHARED = Path(os.environ.get("ONEPEACE_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
-BPE_DIR = Path(os.environ.get("ONEPEACE_BPE_DIR") or SHARED / "official-bpe")
-CASES_FILE = SHARED / "fixtures" / "tokenizer" / "cases.json"
+from conftest import BPE_DIR, FIXTURES, require
 
-HAVE_BPE = all((BPE_DIR / name).is_file() for name in BPE_FILES)
-# Without the shared fixtures the parametrised test collects as skipped; the file-location tests
-# below need no real BPE files and still run.
-CASES = json.loads(CASES_FILE.read_text(encoding="utf-8"))["cases"] if CASES_FILE.is_file() else []
-needs_bpe = pytest.mark.skipif(not HAVE_BPE, reason=f"BPE files not found in {BPE_DIR}")
+CASES_FILE = require(FIXTURES / "tokenizer" / "cases.json")
+CASES = json.loads(CASES_FILE.read_text(encoding="utf-8"))["cases"]
+
+
+def needs_bpe(test):
+    """Marks tests that need the released BPE files (they fail clearly when missing)."""
+    return test
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    if not HAVE_BPE:
-        pytest.skip(f"BPE files not found in {BPE_DIR}")
+    for name in BPE_FILES:
+        require(BPE_DIR / name)
     return Tokenizer(BPE_DIR)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..registry import adapter_class
-from .adapters import Adapter, AdapterOutput
+from .adapters import AdapterOutput
 from .encoder import Encoder
 
 
