@@ -284,7 +284,9 @@ def config_from_released(cfg: Mapping[str, Any] | None, state: Mapping[str, Any]
                 bucket_size=pick("audio_adapter.bucket_size", acfg.get("bucket_size"), audio_bucket),
                 **kwargs,
             )
-    projections = all(f"{m}_proj.weight" in state for m in modalities) and "logit_scale" in state
+    # projection heads belong to the encoder side (the decoder of a pretraining file has none)
+    projections = (prefix == ENCODER_PREFIX and "logit_scale" in state
+                   and all(f"{m}_proj.weight" in state for m in modalities))
     config = ModelConfig(encoder=encoder, adapters=adapters, projections=projections, name=name)
     return config, notes
 

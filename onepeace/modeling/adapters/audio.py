@@ -128,10 +128,27 @@ class AudioAdapter(Adapter):
             x = self.embed_norm(x)
         return x + positions
 
-    def forward(self, waveforms: torch.Tensor, padding_mask: torch.Tensor | None = None) -> AdapterOutput:
-        """waveforms (B, N) (layer-normed, zero-padded), padding_mask (B, T' + 1) True = pad."""
+    def add_positions(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is None:
+            raise RuntimeError("only an audio adapter with 'fixed' positions can act as a decoder adapter")
+        return x + self.pos_embed.weight[: x.shape[1]].unsqueeze(0)
+
+    def forward(self, waveforms: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                preserve_ids: torch.Tensor | None = None) -> AdapterOutput:
+        """waveforms (B, N) (layer-normed, zero-padded), padding_mask (B, T' + 1) True = pad.
+
+        preserve_ids (B, K) (masked pretraining): the kept frames are gathered FIRST and the conv
+        positions are computed over that compacted sequence (the reference's order).
+        """
         frames = self.extract_features(waveforms)
         B, T = frames.shape[:2]
+        if preserve_ids is not None:
+            K = preserve_ids.shape[1]
+            pad = preserve_ids.eq(-1)
+            frame_ids = preserve_ids[:, 1:].masked_fill(pad[:, 1:], K - 1) - 1  # skip CLS; -1 slot -> frame K-2
+            kept = torch.gather(frames, 1, frame_ids.unsqueeze(-1).expand(-1, -1, frames.shape[-1]))
+            x = self.finish(self.embed_frames(kept))  # (B, K, D)
+            return AdapterOutput(x, pad, positions=preserve_ids.masked_fill(pad, K - 1), full_length=T + 1)
         if padding_mask is None:
             padding_mask = torch.zeros(B, T + 1, dtype=torch.bool, device=frames.device)
         elif padding_mask.shape != (B, T + 1):

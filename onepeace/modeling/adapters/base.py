@@ -91,6 +91,23 @@ class Adapter(nn.Module):
         x = shrink_gradient(x, self.cfg.shrink_alpha)
         return self.dropout(x)
 
+    def keep_rows(self, x: torch.Tensor, preserve_ids: torch.Tensor, padding_mask: torch.Tensor | None = None
+                  ) -> AdapterOutput:
+        """Masked (student) pass: keep the rows `preserve_ids` (B, K) of a full (B, S, D) sequence.
+
+        A -1 slot is padding; it takes the row at index K - 1, as the reference does (its value is
+        zeroed and masked as a key later). The bias will be gathered at the original positions.
+        """
+        K = preserve_ids.shape[1]
+        pad = preserve_ids.eq(-1)
+        positions = preserve_ids.masked_fill(pad, K - 1)  # (B, K)
+        rows = torch.gather(x, 1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return AdapterOutput(rows, pad, positions=positions, full_length=x.shape[1])
+
+    def add_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder use: add only this adapter's absolute positions to a full (B, S, D) sequence."""
+        raise NotImplementedError(f"{type(self).__name__} cannot act as a decoder adapter")
+
     def prepend_cls(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, D) -> (B, S + 1, D)
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
 

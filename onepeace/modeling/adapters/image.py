@@ -88,7 +88,11 @@ class ImageAdapter(Adapter):
         dist = dist.reshape(-1, new_span * new_span).T.to(weight.dtype)
         return torch.cat([dist, weight[-3:]], dim=0)
 
-    def forward(self, images: torch.Tensor, second_image: bool = False) -> AdapterOutput:
+    def add_positions(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.grid_positions(_grid_of(x.shape[1])).unsqueeze(0)
+
+    def forward(self, images: torch.Tensor, second_image: bool = False,
+                preserve_ids: torch.Tensor | None = None) -> AdapterOutput:
         """images: (B, 3, S, S) normalised -> (B, (S/16)^2 + 1, D), CLS first, no padding."""
         if self.patch_embed is None:
             raise RuntimeError("this image adapter has no patch stem (a decoder adapter)")
@@ -106,8 +110,11 @@ class ImageAdapter(Adapter):
             if self.type_embed_2 is None:
                 raise ValueError("this model has no second-image type embedding")
             x = x + self.type_embed_2
+        x = self.finish(x)
+        if preserve_ids is not None:
+            return self.keep_rows(x, preserve_ids)
         padding_mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
-        return AdapterOutput(self.finish(x), padding_mask)
+        return AdapterOutput(x, padding_mask)
 
 
 def _grid_of(seq_len: int) -> int:

@@ -25,8 +25,14 @@ class TextAdapter(Adapter):
     def bias_index(self, seq_len: int, device: torch.device) -> torch.Tensor:
         return bucket_index_1d(self.cfg.bucket_size, device=str(device))
 
-    def forward(self, tokens: torch.Tensor) -> AdapterOutput:
-        """tokens: (B, T) int64 ids, right-padded with 1 -> (B, T + 1, D) with CLS first."""
+    def add_positions(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pos_embed.weight[: x.shape[1]].unsqueeze(0)
+
+    def forward(self, tokens: torch.Tensor, preserve_ids: torch.Tensor | None = None) -> AdapterOutput:
+        """tokens: (B, T) int64 ids, right-padded with 1 -> (B, T + 1, D) with CLS first.
+
+        preserve_ids (B, K): keep only these positions (masked pretraining), -1 = padding slot.
+        """
         if self.token_embed is None:
             raise RuntimeError("this text adapter has no token embedding (a decoder adapter)")
         B, T = tokens.shape
@@ -42,5 +48,7 @@ class TextAdapter(Adapter):
         padding_mask = torch.cat([tokens.new_zeros(B, 1, dtype=torch.bool), tokens.eq(PAD_ID)], dim=1)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        x = x + self.pos_embed.weight[: T + 1].unsqueeze(0)
-        return AdapterOutput(self.finish(x), padding_mask)
+        x = self.finish(x + self.pos_embed.weight[: T + 1].unsqueeze(0))
+        if preserve_ids is not None:
+            return self.keep_rows(x, preserve_ids)
+        return AdapterOutput(x, padding_mask)

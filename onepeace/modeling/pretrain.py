@@ -1,0 +1,117 @@
+"""The pretraining model: the ONE-PEACE encoder plus the small denoising decoder of the
+intra-modal denoising contrast (spec 10.2), with decoder embeds, mask tokens and mask heads."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .adapters import AdapterOutput
+from .model import OnePeaceModel
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The encoder-side model (with projections) and the decoder (no projections, no relative bias)."""
+
+    model: ModelConfig
+    decoder: ModelConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "decoder": self.decoder.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PretrainConfig":
+        return cls(model=ModelConfig.from_dict(data["model"]), decoder=ModelConfig.from_dict(data["decoder"]))
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PretrainConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def default_decoder_config(model: ModelConfig, embed_dim: int | None = None, layers: int = 2,
+                           heads: int | None = None, ffn_embed_dim: int | None = None) -> ModelConfig:
+    """The reference decoder shape for a model: same modalities, no stems, no relative bias,
+    'fixed' audio positions, no LayerScale. Released: D=768, F=2048, L=2, H=12."""
+    from ..config import AudioAdapterConfig, ImageAdapterConfig, TextAdapterConfig
+
+    D = embed_dim or max(32, model.encoder.embed_dim // 2)
+    adapters = {}
+    for name, cfg in model.adapters.items():
+        if isinstance(cfg, TextAdapterConfig):
+            adapters[name] = TextAdapterConfig(vocab_size=0, use_attn_bias=False, max_positions=cfg.max_positions,
+                                               max_length=cfg.max_length)
+        elif isinstance(cfg, ImageAdapterConfig):
+            adapters[name] = ImageAdapterConfig(vision_encoder_type="none", use_attn_bias=False,
+                                                image_size=cfg.image_size, bucket_size=cfg.bucket_size,
+                                                rel_bucket_size=cfg.rel_bucket_size)
+        elif isinstance(cfg, AudioAdapterConfig):
+            adapters[name] = AudioAdapterConfig(feature_encoder_spec=(), abs_pos_type="fixed", use_attn_bias=False,
+                                                bucket_size=256)
+        else:
+            raise ValueError(f"no default decoder adapter for modality {name!r}")
+    encoder = dataclasses.replace(
+        model.encoder, embed_dim=D, layers=layers, attention_heads=heads or max(1, D // 64) if D >= 64 else 4,
+        ffn_embed_dim=ffn_embed_dim or D * 8 // 3 // 8 * 8, use_layer_scale=False, rel_pos_tables=1,
+        drop_path_rate=0.0)
+    return ModelConfig(encoder=encoder, adapters=adapters, projections=False, name=f"{model.name}-decoder")
+
+
+class OnePeacePretrainModel(nn.Module):
+    def __init__(self, config: PretrainConfig):
+        super().__init__()
+        self.config = config
+        self.model = OnePeaceModel(config.model)
+        self.decoder = OnePeaceModel(config.decoder)
+        D, Dd = config.model.encoder.embed_dim, config.decoder.encoder.embed_dim
+        modalities = list(config.model.adapters)
+        self.decoder_embeds = nn.ModuleDict({m: nn.Linear(D, Dd) for m in modalities})
+        self.mask_tokens = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, Dd)) for m in modalities})
+        self.mask_heads = nn.ModuleDict({m: nn.Linear(Dd, D) for m in modalities})
+
+    def encode(self, inputs: Mapping[str, torch.Tensor], padding_masks: Mapping[str, torch.Tensor | None] | None = None,
+               preserve_ids: Mapping[str, torch.Tensor] | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, AdapterOutput]]:
+        """ONE encoder pass over the given modalities (text first), optionally keeping only the units
+        `preserve_ids[m]` (B, K). Returns ({m: final hidden (B, S_m or K, D)}, {m: adapter output})."""
+        padding_masks = padding_masks or {}
+        preserve_ids = preserve_ids or {}
+        order = [m for m in self.model.modalities if m in inputs]
+        outs = {}
+        for m in order:
+            kwargs = {"preserve_ids": preserve_ids[m]} if preserve_ids.get(m) is not None else {}
+            outs[m] = self.model.embed_inputs(m, inputs[m], padding_masks.get(m), **kwargs)
+        hidden = self.model.encode([(m, outs[m]) for m in order])
+        return hidden, outs
+
+    def decode(self, kept: Mapping[str, torch.Tensor], preserve_ids: Mapping[str, torch.Tensor],
+               full_padding: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Student features (B, L_m, D) for every position of each modality's full-length sequence.
+
+        kept[m]: encoder states (B, K, D) of the kept units; preserve_ids[m]: (B, K) their original
+        positions (-1 = padding slot); full_padding[m]: (B, L_m) the full-length item's own padding.
+        """
+        segments = []
+        for m in [m for m in self.model.modalities if m in kept]:
+            h = self.decoder_embeds[m](kept[m])  # (B, K, Dd)
+            B, L = full_padding[m].shape
+            full = self.mask_tokens[m].to(h.dtype).expand(B, L, -1).clone()  # (B, L, Dd)
+            valid = preserve_ids[m].ge(0)
+            rows = torch.arange(B, device=h.device).unsqueeze(1).expand_as(valid)
+            full[rows[valid], preserve_ids[m][valid]] = h[valid]
+            x = self.decoder.adapters[m].add_positions(full)
+            segments.append((m, AdapterOutput(x, full_padding[m])))
+        hidden = self.decoder.encode(segments)
+        return {m: self.mask_heads[m](hidden[m]) for m, _ in segments}
