@@ -81,6 +81,26 @@ class OnePeacePretrainModel(nn.Module):
         self.mask_tokens = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, Dd)) for m in modalities})
         self.mask_heads = nn.ModuleDict({m: nn.Linear(Dd, D) for m in modalities})
 
+    @classmethod
+    def from_model(cls, model: OnePeaceModel, decoder_config) -> "OnePeacePretrainModel":
+        """Start pretraining from an embedding model (e.g. a released retrieval checkpoint): its
+        weights are kept; the decoder, decoder embeds, mask tokens and mask heads are NEW (randomly
+        initialised), since such a file has none. decoder_config: a ModelConfig or a function of the
+        model's config returning one."""
+        if callable(decoder_config):
+            decoder_config = decoder_config(model.config)
+        pm = cls(PretrainConfig(model=model.config, decoder=decoder_config))
+        pm.model.load_state_dict(model.state_dict(), strict=True)
+        return pm
+
+    def forward(self, batch: Mapping[str, torch.Tensor], task: str = "vl", loss_config=None) -> dict[str, torch.Tensor]:
+        """The stage objective of `task` ('vl' or 'al') on a collated batch: {term: loss, 'loss': total}."""
+        from ..train.objectives import TASK_LOSSES, LossConfig
+
+        if task not in TASK_LOSSES:
+            raise ValueError(f"unknown task {task!r}; known: {sorted(TASK_LOSSES)}")
+        return TASK_LOSSES[task](self, batch, loss_config or LossConfig())
+
     def encode(self, inputs: Mapping[str, torch.Tensor], padding_masks: Mapping[str, torch.Tensor | None] | None = None,
                preserve_ids: Mapping[str, torch.Tensor] | None = None
                ) -> tuple[dict[str, torch.Tensor], dict[str, AdapterOutput]]:

@@ -88,6 +88,9 @@ class ImageAdapter(Adapter):
         dist = dist.reshape(-1, new_span * new_span).T.to(weight.dtype)
         return torch.cat([dist, weight[-3:]], dim=0)
 
+    def num_patches(self, image_size: int) -> int:
+        return (image_size // self.cfg.patch_size) ** 2
+
     def add_positions(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.grid_positions(_grid_of(x.shape[1])).unsqueeze(0)
 

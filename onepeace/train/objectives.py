@@ -1,0 +1,109 @@
+"""The two stage objectives of ONE-PEACE pretraining (spec 10), on one batch.
+
+vision-language (stage 1): ITC + 0.5 DCL(text) + 1.0 DCL(image) + 0.5 DCL(vl text) + 0.5 DCL(vl image)
+  teachers: the unmasked text-only pass (DCL text), image-only pass (DCL image), joint vl pass (vl terms);
+  the unmasked single-modality passes also give the ITC embeddings (with gradient).
+audio-language (stage 2): ATC + 1.0 DCL(audio) + 0.5 DCL(al text) + 0.5 DCL(al audio)
+  the joint text+audio pass is the teacher for all three DCL terms; ATC's text side has no gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..losses.contrastive import contrastive_loss
+from ..losses.denoising import denoising_contrast_loss
+from ..modeling.pretrain import OnePeacePretrainModel
+
+VL_WEIGHTS = {"itc_loss": 1.0, "dcl_text_loss": 0.5, "dcl_image_loss": 1.0, "dcl_vl_text_loss": 0.5,
+              "dcl_vl_image_loss": 0.5}
+AL_WEIGHTS = {"atc_loss": 1.0, "dcl_audio_loss": 1.0, "dcl_al_text_loss": 0.5, "dcl_al_audio_loss": 0.5}
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    weights: Mapping[str, float] = field(default_factory=dict)  # empty = the reference weights of the task
+    contrast_gather: str = "with_grad"  # or "reference" (other side gathered without gradient)
+    dcl_scale: float = 2.5
+    label_smoothing: float = 0.1  # DCL only; the aligning contrast has none
+    dcl_global_candidates: bool = True  # contrast against the units of ALL ranks (same as one process)
+
+
+def _text_padding(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.zeros_like(tokens[:, :1], dtype=torch.bool), tokens.eq(1)], dim=1)
+
+
+def _embed(pm: OnePeacePretrainModel, hidden: torch.Tensor, modality: str) -> torch.Tensor:
+    return F.normalize(pm.model.projections[modality](hidden[:, 0]), dim=-1)
+
+
+def _dcl(student, teacher, mask, padding, cfg: LossConfig) -> torch.Tensor:
+    return denoising_contrast_loss(student, teacher, mask, padding, scale=cfg.dcl_scale,
+                                   label_smoothing=cfg.label_smoothing, global_candidates=cfg.dcl_global_candidates)
+
+
+def vision_language_losses(pm: OnePeacePretrainModel, batch: Mapping[str, torch.Tensor],
+                           cfg: LossConfig = LossConfig()) -> dict[str, torch.Tensor]:
+    tokens, images = batch["src_tokens"], batch["src_images"]
+    text_pad = _text_padding(tokens)
+    image_pad = torch.zeros(images.shape[0], 1 + pm.model.adapters["image"].num_patches(images.shape[-1]),
+                            dtype=torch.bool, device=images.device)
+    # unmasked passes: ITC (with gradient) and the teachers (used detached)
+    text_full, _ = pm.encode({"text": tokens})
+    image_full, _ = pm.encode({"image": images})
+    with torch.no_grad():
+        vl_full, _ = pm.encode({"text": tokens, "image": images})
+    losses = {"itc_loss": contrastive_loss(_embed(pm, text_full["text"], "text"), _embed(pm, image_full["image"], "image"),
+                                           pm.model.logit_scale, gather=cfg.contrast_gather)}
+    # masked (student) passes -> decoder
+    pid = {"text": batch["text_preserve_ids"], "image": batch["image_preserve_ids"],
+           "vl_text": batch["vl_text_preserve_ids"], "vl_image": batch["vl_image_preserve_ids"]}
+    s_text, _ = pm.encode({"text": tokens}, preserve_ids={"text": pid["text"]})
+    s_image, _ = pm.encode({"image": images}, preserve_ids={"image": pid["image"]})
+    s_vl, _ = pm.encode({"text": tokens, "image": images},
+                        preserve_ids={"text": pid["vl_text"], "image": pid["vl_image"]})
+    d_text = pm.decode(s_text, {"text": pid["text"]}, {"text": text_pad})["text"]
+    d_image = pm.decode(s_image, {"image": pid["image"]}, {"image": image_pad})["image"]
+    d_vl = pm.decode(s_vl, {"text": pid["vl_text"], "image": pid["vl_image"]}, {"text": text_pad, "image": image_pad})
+    losses["dcl_text_loss"] = _dcl(d_text, text_full["text"], batch["text_mask_indices"], text_pad, cfg)
+    losses["dcl_image_loss"] = _dcl(d_image, image_full["image"], batch["image_mask_indices"], image_pad, cfg)
+    losses["dcl_vl_text_loss"] = _dcl(d_vl["text"], vl_full["text"], batch["vl_text_mask_indices"], text_pad, cfg)
+    losses["dcl_vl_image_loss"] = _dcl(d_vl["image"], vl_full["image"], batch["vl_image_mask_indices"], image_pad, cfg)
+    return _total(losses, cfg.weights or VL_WEIGHTS)
+
+
+def audio_language_losses(pm: OnePeacePretrainModel, batch: Mapping[str, torch.Tensor],
+                          cfg: LossConfig = LossConfig()) -> dict[str, torch.Tensor]:
+    tokens, audio, audio_pad = batch["src_tokens"], batch["src_audios"], batch["audio_padding_masks"]
+    text_pad = _text_padding(tokens)
+    with torch.no_grad():
+        al_full, _ = pm.encode({"text": tokens, "audio": audio}, {"audio": audio_pad})
+        text_full, _ = pm.encode({"text": tokens})
+    audio_full, _ = pm.encode({"audio": audio}, {"audio": audio_pad})
+    losses = {"atc_loss": contrastive_loss(_embed(pm, text_full["text"], "text"), _embed(pm, audio_full["audio"], "audio"),
+                                           pm.model.logit_scale, gather=cfg.contrast_gather)}
+    pid = {"audio": batch["audio_preserve_ids"], "al_text": batch["al_text_preserve_ids"],
+           "al_audio": batch["al_audio_preserve_ids"]}
+    s_audio, _ = pm.encode({"audio": audio}, {"audio": audio_pad}, preserve_ids={"audio": pid["audio"]})
+    s_al, _ = pm.encode({"text": tokens, "audio": audio}, {"audio": audio_pad},
+                        preserve_ids={"text": pid["al_text"], "audio": pid["al_audio"]})
+    d_audio = pm.decode(s_audio, {"audio": pid["audio"]}, {"audio": audio_pad})["audio"]
+    d_al = pm.decode(s_al, {"text": pid["al_text"], "audio": pid["al_audio"]}, {"text": text_pad, "audio": audio_pad})
+    losses["dcl_audio_loss"] = _dcl(d_audio, al_full["audio"], batch["audio_mask_indices"], audio_pad, cfg)
+    losses["dcl_al_text_loss"] = _dcl(d_al["text"], al_full["text"], batch["al_text_mask_indices"], text_pad, cfg)
+    losses["dcl_al_audio_loss"] = _dcl(d_al["audio"], al_full["audio"], batch["al_audio_mask_indices"], audio_pad, cfg)
+    return _total(losses, cfg.weights or AL_WEIGHTS)
+
+
+def _total(losses: dict[str, torch.Tensor], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    unknown = set(weights) - set(losses)
+    if unknown:
+        raise ValueError(f"loss weights for unknown terms {sorted(unknown)}; terms: {sorted(losses)}")
+    losses["loss"] = sum(weights.get(k, 0.0) * v for k, v in losses.items())
+    return losses
+
+
+TASK_LOSSES = {"vl": vision_language_losses, "al": audio_language_losses}
