@@ -264,8 +264,11 @@ class Trainer:
                                    self.cfg.grad_accum, self.cfg.seed, epoch, start_step)
         if sampler.steps_per_epoch == 0:
             raise ValueError(f"the manifest has {len(self.dataset)} items, fewer than one batch of {self.cfg.batch_size}")
+        # the loader's own generator: creating an iterator must not draw from the global RNG, whose
+        # state (drop-path draws) is part of the checkpoint
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.dataset.dataset.collate,
-                                             num_workers=self.cfg.num_workers)
+                                             num_workers=self.cfg.num_workers,
+                                             generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
         return loader, sampler.steps_per_epoch
 
     def _autocast(self):
