@@ -230,6 +230,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ train
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.loop import main as train_main
+
+    return train_main([args.config, "--set", *args.set] if args.set else [args.config])
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onepeace", description="ONE-PEACE embeddings without fairseq.")
@@ -261,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", type=_modalities, default=None)
     p.add_argument("--allow-unsafe-pickle", action="store_true")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="pretrain one stage (one process; use torchrun -m onepeace.train for many)")
+    p.add_argument("config", help="training config JSON (onepeace.train.config.TrainConfig)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", help="config, parameters per modality, dtype")
     p.add_argument("model", help="released .pt checkpoint or converted folder")

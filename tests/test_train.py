@@ -121,18 +121,20 @@ def test_no_weight_decay_on_biases_norms_positions_and_cls():
 
 
 # ------------------------------------------------------------------------------ distributed
-def test_two_processes_end_with_the_same_parameters_as_one(data, tmp_path):
-    raw = _config(data, tmp_path / "ddp")
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_end_with_the_same_parameters_as_one(data, tmp_path, sharding):
+    raw = _config(data, tmp_path / "ddp", fsdp=sharding == "fsdp")
     cfg_path = _write(raw, tmp_path / "cfg.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         "29517" if sharding == "ddp" else "29518",
          "-m", "onepeace.train", cfg_path], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     single = Trainer(TrainConfig.from_dict({**raw, "output_dir": str(tmp_path / "single")}))
     single.fit()
     diff = _max_diff(_final_params(tmp_path / "ddp"), _final_params(tmp_path / "single"))
-    print(f"2 processes vs 1 after {raw['steps']} steps: max |param difference| {diff:.2e}")
+    print(f"2 processes ({sharding}) vs 1 after {raw['steps']} steps: max |param difference| {diff:.2e}")
     assert diff <= 1e-5
     two = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
     one = [json.loads(line) for line in open(tmp_path / "single" / "metrics.jsonl")]

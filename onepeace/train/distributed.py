@@ -44,7 +44,10 @@ class DistributedContext:
             for sub in (model.model, model.decoder):  # shard per encoder layer, then the rest
                 for layer in sub.encoder.layers:
                     fully_shard(layer)
-            fully_shard(model)
+            # FSDP2 cannot shard 0-D tensors (the released logit_scale is one): keep them replicated
+            # and average their gradients ourselves (see sync_ignored_grads)
+            self.ignored = [p for p in model.parameters() if p.ndim == 0]
+            fully_shard(model, ignored_params=set(self.ignored))
             return model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -66,6 +69,13 @@ class DistributedContext:
                 module.set_requires_gradient_sync(True)
         else:
             yield
+
+    def sync_ignored_grads(self) -> None:
+        """Average the gradients of parameters FSDP2 leaves replicated (call before clipping)."""
+        for p in getattr(self, "ignored", []):
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
 
     # ---- state dicts (full, on CPU, for rank 0 to save) ----
     def full_state_dict(self, module: nn.Module, model: nn.Module) -> dict[str, torch.Tensor]:

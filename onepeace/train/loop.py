@@ -288,6 +288,7 @@ class Trainer:
                 (losses["loss"] / len(micro_batches)).backward()
             for name, v in losses.items():
                 totals[name] = totals.get(name, 0.0) + float(v.detach()) / len(micro_batches)
+        self.ctx.sync_ignored_grads()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         params = [p for p in self.module.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
