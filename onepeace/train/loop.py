@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import random
-import re
 import signal
 import time
 from pathlib import Path
