@@ -246,3 +246,11 @@ def test_config_errors_are_clear(data):
         TrainConfig.from_dict(_config(data, "x", learning_rate=1))
     with pytest.raises(ValueError, match="precision"):
         TrainConfig.from_dict(_config(data, "x", precision="fp8"))
+
+
+def test_dataloader_workers_do_not_change_the_batches(data, tmp_path):
+    """Masks depend only on (seed, epoch, item): 2 worker processes give what 0 workers give."""
+    base = _config(data, tmp_path / "w0", steps=2)
+    zero = Trainer(TrainConfig.from_dict(base)).fit()
+    two = Trainer(TrainConfig.from_dict({**base, "output_dir": str(tmp_path / "w2"), "num_workers": 2})).fit()
+    assert zero["loss"] == two["loss"] and zero["grad_norm"] == two["grad_norm"]
