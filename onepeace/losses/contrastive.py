@@ -59,8 +59,13 @@ def temperature(logit_scale: torch.Tensor, max_value: float = 100.0) -> torch.Te
 
 
 def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, gather: str = "with_grad",
-                     label_smoothing: float = 0.0) -> torch.Tensor:
-    """Symmetric InfoNCE between paired L2-normalised rows a[i] <-> b[i] (n, D) of this rank."""
+                     label_smoothing: float = 0.0, group_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE between paired L2-normalised rows a[i] <-> b[i] (n, D) of this rank.
+
+    group_ids (n,) int64, optional: rows with the same id are all positives of each other (e.g. the
+    same caption paired with several images), with uniform soft targets over them, instead of
+    one-hot targets that would push identical captions apart (our option; the reference has none).
+    """
     if gather not in ("with_grad", "reference"):
         raise ValueError(f"gather must be 'with_grad' or 'reference', got {gather!r}")
     rank, _ = _world()
@@ -71,5 +76,10 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor
     b_all = gather_features(b, with_grad=gather == "with_grad")
     logits_ab = scale * a.float() @ b_all.float().T  # (n, world * n)
     logits_ba = scale * b.float() @ a_all.float().T
+    if group_ids is not None:
+        all_ids = gather_features(group_ids.view(-1, 1), with_grad=False).view(-1)  # (world * n,)
+        same = group_ids.view(-1, 1).eq(all_ids.view(1, -1)).float()  # (n, world * n)
+        soft = same / same.sum(dim=1, keepdim=True)
+        targets = soft
     return (F.cross_entropy(logits_ab, targets, label_smoothing=label_smoothing)
             + F.cross_entropy(logits_ba, targets, label_smoothing=label_smoothing)) / 2

@@ -30,10 +30,29 @@ class LossConfig:
     dcl_scale: float = 2.5
     label_smoothing: float = 0.1  # DCL only; the aligning contrast has none
     dcl_global_candidates: bool = True  # contrast against the units of ALL ranks (same as one process)
+    # our option: items of a batch with the SAME caption count as positives of each other (soft
+    # targets) instead of the reference's one-hot targets; helps when captions repeat (templates)
+    same_caption_positives: bool = False
 
 
 def _text_padding(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(tokens[:, :1], dtype=torch.bool), tokens.eq(1)], dim=1)
+
+
+def _caption_ids(tokens: torch.Tensor, cfg: LossConfig) -> torch.Tensor | None:
+    """(B,) int64 ids equal iff the token rows are equal (a polynomial hash of the ids)."""
+    if not cfg.same_caption_positives:
+        return None
+    weights = torch.arange(1, tokens.shape[1] + 1, device=tokens.device, dtype=torch.int64)
+    powers = torch.pow(torch.tensor(1_000_003, device=tokens.device), weights) % (2 ** 61 - 1)
+    return ((tokens.masked_fill(tokens.eq(1), 0) * powers) % (2 ** 61 - 1)).sum(dim=1)
+
+
+def _skip_dcl(weights: Mapping[str, float], default: Mapping[str, float]) -> bool:
+    """True when every denoising term has weight 0 (the aligning-contrast-only ablation): its
+    passes are then not computed at all."""
+    w = weights or default
+    return all(w.get(k, 0.0) == 0.0 for k in default if k.startswith("dcl_"))
 
 
 def _embed(pm: OnePeacePretrainModel, hidden: torch.Tensor, modality: str) -> torch.Tensor:
@@ -54,10 +73,13 @@ def vision_language_losses(pm: OnePeacePretrainModel, batch: Mapping[str, torch.
     # unmasked passes: ITC (with gradient) and the teachers (used detached)
     text_full, _ = pm.encode({"text": tokens})
     image_full, _ = pm.encode({"image": images})
+    losses = {"itc_loss": contrastive_loss(_embed(pm, text_full["text"], "text"), _embed(pm, image_full["image"], "image"),
+                                           pm.model.logit_scale, gather=cfg.contrast_gather,
+                                           group_ids=_caption_ids(tokens, cfg))}
+    if _skip_dcl(cfg.weights, VL_WEIGHTS):
+        return _total(losses, cfg.weights)
     with torch.no_grad():
         vl_full, _ = pm.encode({"text": tokens, "image": images})
-    losses = {"itc_loss": contrastive_loss(_embed(pm, text_full["text"], "text"), _embed(pm, image_full["image"], "image"),
-                                           pm.model.logit_scale, gather=cfg.contrast_gather)}
     # masked (student) passes -> decoder
     pid = {"text": batch["text_preserve_ids"], "image": batch["image_preserve_ids"],
            "vl_text": batch["vl_text_preserve_ids"], "vl_image": batch["vl_image_preserve_ids"]}
@@ -80,11 +102,15 @@ def audio_language_losses(pm: OnePeacePretrainModel, batch: Mapping[str, torch.T
     tokens, audio, audio_pad = batch["src_tokens"], batch["src_audios"], batch["audio_padding_masks"]
     text_pad = _text_padding(tokens)
     with torch.no_grad():
-        al_full, _ = pm.encode({"text": tokens, "audio": audio}, {"audio": audio_pad})
         text_full, _ = pm.encode({"text": tokens})
     audio_full, _ = pm.encode({"audio": audio}, {"audio": audio_pad})
     losses = {"atc_loss": contrastive_loss(_embed(pm, text_full["text"], "text"), _embed(pm, audio_full["audio"], "audio"),
-                                           pm.model.logit_scale, gather=cfg.contrast_gather)}
+                                           pm.model.logit_scale, gather=cfg.contrast_gather,
+                                           group_ids=_caption_ids(tokens, cfg))}
+    if _skip_dcl(cfg.weights, AL_WEIGHTS):
+        return _total(losses, cfg.weights)
+    with torch.no_grad():
+        al_full, _ = pm.encode({"text": tokens, "audio": audio}, {"audio": audio_pad})
     pid = {"audio": batch["audio_preserve_ids"], "al_text": batch["al_text_preserve_ids"],
            "al_audio": batch["al_audio_preserve_ids"]}
     s_audio, _ = pm.encode({"audio": audio}, {"audio": audio_pad}, preserve_ids={"audio": pid["audio"]})
@@ -99,10 +125,12 @@ def audio_language_losses(pm: OnePeacePretrainModel, batch: Mapping[str, torch.T
 
 
 def _total(losses: dict[str, torch.Tensor], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
-    unknown = set(weights) - set(losses)
+    unknown = {k for k, w in weights.items() if k not in losses and w != 0}
     if unknown:
         raise ValueError(f"loss weights for unknown terms {sorted(unknown)}; terms: {sorted(losses)}")
     losses["loss"] = sum(weights.get(k, 0.0) * v for k, v in losses.items())
+    if not torch.is_tensor(losses["loss"]):
+        raise ValueError(f"every loss weight is zero: {dict(weights)}")
     return losses
 
 
