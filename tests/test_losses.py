@@ -24,7 +24,8 @@ def test_same_caption_rows_are_positives():
     a = b.clone()
     scale = torch.tensor(4.0)
     ids = torch.tensor([7, 7, 3, 5])
-    a = a + 0.1 * torch.randn_like(a)  # same captions, slightly different images
+    a = a + 0.1 * torch.randn_like(a)  # same captions (near-identical embeddings), different images
+    b = b + 0.05 * torch.randn_like(b)
     soft = contrastive_loss(a, b, scale, group_ids=ids)
     assert not torch.allclose(soft, contrastive_loss(a, b, scale))
     logits = torch.exp(scale) * a @ b.T
