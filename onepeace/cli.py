@@ -237,6 +237,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_main([args.config, "--set", *args.set] if args.set else [args.config])
 
 
+# ------------------------------------------------------------------------------------------ demo / eval
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    try:
+        metrics = run_demo(args.out, quick=args.quick, seed=args.seed, ablation=False if args.no_ablation else None,
+                           bpe_dir=args.bpe_dir)
+    except RuntimeError as e:
+        print(f"onepeace demo: {e}", file=sys.stderr)
+        return 2
+    keys = ["image_zero_shot_top1", "audio_zero_shot_top1_heldout_voices", "audio_to_image_r1", "image_to_text_r1",
+            "audio_to_text_r1"]
+    abl = metrics.get("ablation_no_dcl", {})
+    print(f"{'metric':<40} {'ITC+DCL':>8} {'no DCL':>8}")
+    for k in keys:
+        print(f"{k:<40} {metrics[k]:>8.3f} {abl.get(k, float('nan')):>8.3f}")
+    print(f"{'minutes':<40} {metrics['minutes']:>8.1f}")
+    print(f"report: {Path(args.out) / 'report.md'}; model: {Path(args.out) / 'model'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.zero_shot import evaluate, load_concepts
+
+    model = _load_model(args)
+    if args.bpe_dir:
+        from .tokenizer import get_tokenizer
+
+        model.tokenizer = get_tokenizer(args.bpe_dir)
+    result = evaluate(model, args.manifests, concepts=load_concepts(args.concepts), progress=not args.quiet)
+    for kind, top1 in result["zero_shot"].items():
+        print(f"zero-shot {kind:<6} top-1 {top1:.3f}  ({result['counts'][kind]} items, {len(result['classes'])} classes)")
+    print(f"{'query -> key':<16} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'mAP':>6}")
+    for pair, v in result["retrieval"].items():
+        print(f"{pair:<16} " + " ".join(f"{v.get(k, float('nan')):>6.3f}" for k in ("r1", "r5", "r10", "map")))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onepeace", description="ONE-PEACE embeddings without fairseq.")
@@ -274,6 +315,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("demo", help="pretrain a small model on offline data, evaluate, write runs/demo/report.md")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a tiny version in about two minutes (CI)")
+    p.add_argument("--no-ablation", action="store_true", help="skip the contrast-only ablation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bpe-dir", default=None)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="zero-shot classification and retrieval on manifests")
+    p.add_argument("manifests", nargs="+", help="JSONL manifests with image/audio, text and label")
+    p.add_argument("--model", "-m", required=True)
+    p.add_argument("--concepts", default=None, help="concepts.json with caption templates per class (prompt ensembles)")
+    p.add_argument("--out", "-o", default=None, help="write all numbers as JSON")
+    p.add_argument("--bpe-dir", default=None)
+    p.add_argument("--quiet", "-q", action="store_true")
+    model_options(p, model_flag=False)
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("info", help="config, parameters per modality, dtype")
     p.add_argument("model", help="released .pt checkpoint or converted folder")
     p.add_argument("--json", action="store_true")
@@ -288,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"onepeace {args.command}: error: {e}", file=sys.stderr)
         return 2
 

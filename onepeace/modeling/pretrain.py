@@ -102,16 +102,21 @@ class OnePeacePretrainModel(nn.Module):
         return TASK_LOSSES[task](self, batch, loss_config or LossConfig())
 
     def encode(self, inputs: Mapping[str, torch.Tensor], padding_masks: Mapping[str, torch.Tensor | None] | None = None,
-               preserve_ids: Mapping[str, torch.Tensor] | None = None
+               preserve_ids: Mapping[str, torch.Tensor] | None = None,
+               adapter_kwargs: Mapping[str, Mapping[str, Any]] | None = None
                ) -> tuple[dict[str, torch.Tensor], dict[str, AdapterOutput]]:
         """ONE encoder pass over the given modalities (text first), optionally keeping only the units
-        `preserve_ids[m]` (B, K). Returns ({m: final hidden (B, S_m or K, D)}, {m: adapter output})."""
+        `preserve_ids[m]` (B, K). `adapter_kwargs[m]` go to that adapter (e.g. precomputed audio
+        `frames`). Returns ({m: final hidden (B, S_m or K, D)}, {m: adapter output})."""
         padding_masks = padding_masks or {}
         preserve_ids = preserve_ids or {}
+        adapter_kwargs = adapter_kwargs or {}
         order = [m for m in self.model.modalities if m in inputs]
         outs = {}
         for m in order:
-            kwargs = {"preserve_ids": preserve_ids[m]} if preserve_ids.get(m) is not None else {}
+            kwargs = dict(adapter_kwargs.get(m, {}))
+            if preserve_ids.get(m) is not None:
+                kwargs["preserve_ids"] = preserve_ids[m]
             outs[m] = self.model.embed_inputs(m, inputs[m], padding_masks.get(m), **kwargs)
         hidden = self.model.encode([(m, outs[m]) for m in order])
         return hidden, outs

@@ -101,21 +101,27 @@ def audio_language_losses(pm: OnePeacePretrainModel, batch: Mapping[str, torch.T
                           cfg: LossConfig = LossConfig()) -> dict[str, torch.Tensor]:
     tokens, audio, audio_pad = batch["src_tokens"], batch["src_audios"], batch["audio_padding_masks"]
     text_pad = _text_padding(tokens)
+    # the waveform feature extractor is the costliest part of an audio pass: run it once and share
+    # its frames between the passes (identical numbers; the no-grad teacher takes them detached)
+    frames = pm.model.adapters["audio"].extract_features(audio.to(pm.model.dtype))
+    shared = {"audio": {"frames": frames}}
+    detached = {"audio": {"frames": frames.detach()}}
     with torch.no_grad():
         text_full, _ = pm.encode({"text": tokens})
-    audio_full, _ = pm.encode({"audio": audio}, {"audio": audio_pad})
+    audio_full, _ = pm.encode({"audio": audio}, {"audio": audio_pad}, adapter_kwargs=shared)
     losses = {"atc_loss": contrastive_loss(_embed(pm, text_full["text"], "text"), _embed(pm, audio_full["audio"], "audio"),
                                            pm.model.logit_scale, gather=cfg.contrast_gather,
                                            group_ids=_caption_ids(tokens, cfg))}
     if _skip_dcl(cfg.weights, AL_WEIGHTS):
         return _total(losses, cfg.weights)
     with torch.no_grad():
-        al_full, _ = pm.encode({"text": tokens, "audio": audio}, {"audio": audio_pad})
+        al_full, _ = pm.encode({"text": tokens, "audio": audio}, {"audio": audio_pad}, adapter_kwargs=detached)
     pid = {"audio": batch["audio_preserve_ids"], "al_text": batch["al_text_preserve_ids"],
            "al_audio": batch["al_audio_preserve_ids"]}
-    s_audio, _ = pm.encode({"audio": audio}, {"audio": audio_pad}, preserve_ids={"audio": pid["audio"]})
+    s_audio, _ = pm.encode({"audio": audio}, {"audio": audio_pad}, preserve_ids={"audio": pid["audio"]},
+                           adapter_kwargs=shared)
     s_al, _ = pm.encode({"text": tokens, "audio": audio}, {"audio": audio_pad},
-                        preserve_ids={"text": pid["al_text"], "audio": pid["al_audio"]})
+                        preserve_ids={"text": pid["al_text"], "audio": pid["al_audio"]}, adapter_kwargs=shared)
     d_audio = pm.decode(s_audio, {"audio": pid["audio"]}, {"audio": audio_pad})["audio"]
     d_al = pm.decode(s_al, {"text": pid["al_text"], "audio": pid["al_audio"]}, {"text": text_pad, "audio": audio_pad})
     losses["dcl_audio_loss"] = _dcl(d_audio, al_full["audio"], batch["audio_mask_indices"], audio_pad, cfg)

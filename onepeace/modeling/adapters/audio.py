@@ -134,13 +134,17 @@ class AudioAdapter(Adapter):
         return x + self.pos_embed.weight[: x.shape[1]].unsqueeze(0)
 
     def forward(self, waveforms: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                preserve_ids: torch.Tensor | None = None) -> AdapterOutput:
+                preserve_ids: torch.Tensor | None = None, frames: torch.Tensor | None = None) -> AdapterOutput:
         """waveforms (B, N) (layer-normed, zero-padded), padding_mask (B, T' + 1) True = pad.
 
         preserve_ids (B, K) (masked pretraining): the kept frames are gathered FIRST and the conv
         positions are computed over that compacted sequence (the reference's order).
+        frames (B, T', D): this batch's `extract_features(waveforms)`, when already computed (the
+        pretraining objective runs several passes over the same audio; extracting once saves most
+        of an audio step).
         """
-        frames = self.extract_features(waveforms)
+        if frames is None:
+            frames = self.extract_features(waveforms)
         B, T = frames.shape[:2]
         if preserve_ids is not None:
             K = preserve_ids.shape[1]
