@@ -104,13 +104,13 @@ def plot_audio_to_image(result: dict[str, Any], classes: list[str], figures: Pat
         return None
     audio, image = sets["audio"], sets["image"]
     sim = audio.embeddings @ image.embeddings.T
-    picked, seen = [], set()
     step = max(1, len(classes) // n_queries)
     wanted = classes[::step][:n_queries]
-    for i, label in enumerate(audio.labels):
-        if label in wanted and label not in seen:
-            picked.append(i)
-            seen.add(label)
+    picked = []
+    for row, label in enumerate(wanted):  # one clip per concept, each from a different held-out voice
+        clips = [i for i, lab in enumerate(audio.labels) if lab == label]
+        if clips:
+            picked.append(clips[(row * 7) % len(clips)])
     fig, axes = plt.subplots(len(picked), top, figsize=(top * 1.3, len(picked) * 1.45))
     for row, qi in enumerate(picked):
         order = sim[qi].argsort(descending=True)[:top].tolist()

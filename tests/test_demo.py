@@ -1,0 +1,86 @@
+"""`onepeace demo --quick`: the whole pipeline runs and LEARNS (zero-shot far above chance)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import onepeace
+from conftest import ASSETS, BPE_DIR, require
+
+KEYS = ["image_zero_shot_top1", "audio_zero_shot_top1_heldout_voices", "audio_to_image_r1", "image_to_text_r1",
+        "audio_to_text_r1", "minutes"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    env_cache = tmp_path_factory.mktemp("cache")
+    result = subprocess.run(
+        [sys.executable, "-m", "onepeace", "demo", "--quick", "--out", str(out / "run"), "--bpe-dir", str(require(BPE_DIR))],
+        capture_output=True, text=True, timeout=900,
+        env={**__import__("os").environ, "ONEPEACE_CACHE": str(env_cache)})
+    print(result.stdout[-3000:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "run", result.stdout, env_cache / "demo-data" / "quick"
+
+
+def test_metrics_file_has_every_key_for_both_runs(demo):
+    out, _, _ = demo
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in KEYS:
+        assert key in metrics and key in metrics["ablation_no_dcl"], key
+        assert 0 <= metrics[key] <= 1 or key == "minutes"
+
+
+def test_learning_happened(demo):
+    """20 classes: chance is 0.05. The quick run trains for about a minute."""
+    out, stdout, _ = demo
+    metrics = json.loads((out / "metrics.json").read_text())
+    print({k: round(metrics[k], 3) for k in KEYS})
+    assert metrics["image_zero_shot_top1"] >= 0.20, metrics["image_zero_shot_top1"]
+    assert metrics["image_to_text_r1"] >= 0.20
+    assert "image_zero_shot_top1" in stdout
+
+
+def test_report_and_figures_exist(demo):
+    out, _, _ = demo
+    report = (out / "report.md").read_text()
+    for name in ("losses.png", "confusion_image.png", "confusion_audio.png", "audio_to_image.png"):
+        assert (out / "figures" / name).stat().st_size > 10_000, name
+        assert name in report
+    assert "contrast only" in report
+
+
+def test_trained_model_embeds_new_files(demo):
+    out, _, _ = demo
+    model = onepeace.load(out / "model")
+    model.tokenizer = onepeace.get_tokenizer(BPE_DIR)
+    images = model.encode_image([str(require(ASSETS / "dog.JPEG")), str(ASSETS / "elephant.JPEG")])
+    audio = model.encode_audio([str(ASSETS / "cow.flac")])
+    texts = model.encode_text(["a silhouette of a cow", "the number seven"])
+    for emb in (images, audio, texts):
+        assert emb.shape[1] == model.config.encoder.embed_dim
+        assert torch.allclose(emb.norm(dim=-1), torch.ones(len(emb)), atol=1e-4)
+    assert np.isfinite((audio @ images.T).numpy()).all()
+
+
+def test_eval_command_reports_every_modality_pair(demo, tmp_path):
+    out, _, data = demo
+    result = subprocess.run(
+        [sys.executable, "-m", "onepeace", "eval", "-m", str(out / "model"), str(data / "test_vl.jsonl"),
+         str(data / "test_al.jsonl"), "--concepts", str(data / "concepts.json"), "--bpe-dir", str(BPE_DIR),
+         "-o", str(tmp_path / "eval.json"), "-q"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for pair in ("audio->image", "image->audio", "image->text", "text->audio"):
+        assert pair in result.stdout
+    numbers = json.loads((tmp_path / "eval.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    # the same model and data: the same numbers as the demo's own evaluation
+    assert abs(numbers["zero_shot"]["image"] - metrics["image_zero_shot_top1"]) < 1e-6
+    assert set(numbers["retrieval"]["audio->image"]) == {"r1", "r5", "r10", "map"}
+
