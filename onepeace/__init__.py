@@ -35,12 +35,15 @@ def create_model(name_or_config: str | ModelConfig, device: torch.device | str =
 
 
 def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32,
-         modalities: Sequence[str] | None = None, allow_unsafe_pickle: bool = False) -> OnePeaceModel:
+         modalities: Sequence[str] | None = None, allow_unsafe_pickle: bool = False, fuse: bool = True,
+         compile: bool = False) -> OnePeaceModel:
     """Load a released ONE-PEACE `.pt` checkpoint or a folder written by `onepeace convert`.
 
     dtype: compute dtype (float32, float16, bfloat16; None keeps the stored dtype).
     modalities: load only these branches, e.g. ("text", "image"); other tensors are never read.
     allow_unsafe_pickle: unpickle with torch's full unpickler (runs code from the file: trusted files only).
+    fuse: fuse the q/k/v and GeGLU input projections for inference (same numbers, fewer matmuls).
+    compile: torch.compile the shared encoder (slow first call, faster after; needs a compiler).
     The returned model is in eval mode; `model.load_report` says what was ignored or recomputed.
     """
     from .checkpoint import CONFIG_FILE, load_converted, load_released_checkpoint
@@ -53,6 +56,10 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     else:
         model, _ = load_released_checkpoint(path, modalities=modalities, dtype=dtype, device=device,
                                             allow_unsafe=allow_unsafe_pickle)
+    if fuse:
+        model.fuse_for_inference()
+    if compile:
+        model.compile_encoder()
     return model
 
 

@@ -458,7 +458,9 @@ def save_converted(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.config.save(out / CONFIG_FILE)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    # fused (inference) models hold parameters as views of one tensor: safetensors wants owners
+    state = {k: v.detach().clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size()
+             else v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "library": "onepeace"})
     os.replace(tmp, out / WEIGHTS_FILE)

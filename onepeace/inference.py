@@ -14,13 +14,27 @@ from .data.audio import AudioTransform, collate_waveforms
 from .data.image import ImageTransform
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    """Indices in batches of similar length (longest first), so batches carry little padding."""
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None,
+                          sort: bool = True) -> Iterator[list[int]]:
+    """Indices in batches of similar length (longest first), so batches carry little padding.
+
+    A batch holds at most `batch_size` items and, when `max_tokens` is given, at most that many
+    padded units (items x longest item); a single longer item still gets a batch of its own.
+    sort=False keeps input order and pads to the longest (the reference mode)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else list(range(len(lengths)))
+    batch: list[int] = []
+    longest = 0
+    for i in order:
+        new_longest = max(longest, lengths[i])
+        if batch and (len(batch) >= batch_size or (max_tokens is not None and new_longest * (len(batch) + 1) > max_tokens)):
+            yield batch
+            batch, new_longest = [], lengths[i]
+        batch.append(i)
+        longest = new_longest
+    if batch:
+        yield batch
 
 
 def _require(model, modality: str) -> None:
@@ -41,12 +55,14 @@ def prepare_texts(model, texts: Sequence[str]) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def embed_token_ids(model, ids: Sequence[Sequence[int]], batch_size: int = 64) -> torch.Tensor:
+def embed_token_ids(model, ids: Sequence[Sequence[int]], batch_size: int = 64, max_tokens: int | None = 4096
+                    ) -> torch.Tensor:
     """Token id lists (each ending in </s>) -> (N, D) embeddings in input order."""
     _require(model, "text")
+    sort = not model.reference_mode
 
     def run():
-        for index in length_sorted_batches([len(x) for x in ids], batch_size):
+        for index in length_sorted_batches([len(x) for x in ids], batch_size, max_tokens if sort else None, sort):
             longest = max(len(ids[i]) for i in index)
             tokens = torch.ones(len(index), longest, dtype=torch.long)  # pad id 1
             for row, i in enumerate(index):
@@ -56,8 +72,8 @@ def embed_token_ids(model, ids: Sequence[Sequence[int]], batch_size: int = 64) -
     return _collect(model, len(ids), run())
 
 
-def encode_texts(model, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    return embed_token_ids(model, prepare_texts(model, texts), batch_size)
+def encode_texts(model, texts: Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096) -> torch.Tensor:
+    return embed_token_ids(model, prepare_texts(model, texts), batch_size, max_tokens)
 
 
 # ---- image ----
@@ -94,13 +110,17 @@ def audio_transform(model) -> AudioTransform:
 
 
 @torch.inference_mode()
-def embed_waveforms(model, waves: Sequence[torch.Tensor], batch_size: int = 8) -> torch.Tensor:
-    """Prepared 1-D waveforms (layer-normed, cropped/tiled) -> (N, D) embeddings."""
+def embed_waveforms(model, waves: Sequence[torch.Tensor], batch_size: int = 8,
+                    max_samples: int | None = 8 * 240_000) -> torch.Tensor:
+    """Prepared 1-D waveforms (layer-normed, cropped/tiled) -> (N, D) embeddings.
+    Batches hold at most `max_samples` padded samples (default: 8 clips of 15 s)."""
     _require(model, "audio")
     spec = model.config.adapters["audio"].feature_encoder_spec
+    sort = not model.reference_mode
 
     def run():
-        for index in length_sorted_batches([w.shape[0] for w in waves], batch_size):
+        lengths = [w.shape[0] for w in waves]
+        for index in length_sorted_batches(lengths, batch_size, max_samples if sort else None, sort):
             audio, mask = collate_waveforms([waves[i] for i in index], spec)
             out = model(audio=audio.to(model.device), audio_padding_mask=mask.to(model.device))
             yield index, out.embeddings["audio"]
@@ -108,6 +128,40 @@ def embed_waveforms(model, waves: Sequence[torch.Tensor], batch_size: int = 8) -
     return _collect(model, len(waves), run())
 
 
-def encode_audios(model, sources: Sequence[Any], batch_size: int = 8) -> torch.Tensor:
-    transform = audio_transform(model)
-    return embed_waveforms(model, [transform(s) for s in sources], batch_size)
+def encode_audios(model, sources: Sequence[Any], batch_size: int = 8, long_audio: str = "crop",
+                  window_seconds: float | None = None, hop_seconds: float | None = None) -> torch.Tensor:
+    """long_audio="crop" (the reference): keep the first 15 s. "windows": cover the whole clip with
+    windows of `window_seconds` (default the model's 15 s) every `hop_seconds` (default 2/3 of a
+    window; the last window ends at the clip's end), embed each and average the embeddings (then
+    re-normalise). Deterministic; clips no longer than one window give the same result as "crop"."""
+    if long_audio == "crop":
+        transform = audio_transform(model)
+        return embed_waveforms(model, [transform(s) for s in sources], batch_size)
+    if long_audio != "windows":
+        raise ValueError(f"long_audio must be 'crop' or 'windows', got {long_audio!r}")
+    cfg = model.config.adapters["audio"]
+    window = round((window_seconds or cfg.max_seconds) * cfg.sample_rate)
+    hop = round((hop_seconds or (window_seconds or cfg.max_seconds) * 2 / 3) * cfg.sample_rate)
+    if hop < 1 or hop > window:
+        raise ValueError(f"hop_seconds must be in (0, window_seconds], got {hop / cfg.sample_rate}")
+    full = AudioTransform(sample_rate=cfg.sample_rate, max_seconds=None, min_seconds=cfg.min_seconds)
+    pieces, owner = [], []
+    for i, source in enumerate(sources):
+        wave = full(source)  # layer-normed over the whole clip, like the reference before its crop
+        for start in audio_window_starts(wave.shape[0], window, hop):
+            pieces.append(wave[start:start + window])
+            owner.append(i)
+    emb = embed_waveforms(model, pieces, batch_size)
+    out = torch.zeros(len(sources), emb.shape[1], dtype=emb.dtype, device=emb.device)
+    out.index_add_(0, torch.tensor(owner, device=emb.device), emb)
+    return torch.nn.functional.normalize(out, dim=-1)
+
+
+def audio_window_starts(n_samples: int, window: int, hop: int) -> list[int]:
+    """Start offsets of windows covering [0, n_samples): every `hop`, plus one ending at the end."""
+    if n_samples <= window:
+        return [0]
+    starts = list(range(0, n_samples - window + 1, hop))
+    if starts[-1] + window < n_samples:
+        starts.append(n_samples - window)
+    return starts

@@ -27,16 +27,56 @@ class SelfAttention(nn.Module):
         self.inner_norm = nn.LayerNorm(dim) if magneto_scale_attn else None
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, S, D); attn_mask: additive, broadcastable to (B, H, S, S), or None."""
+    # ---- fused q/k/v for inference ----
+    def fuse_projections(self) -> None:
+        """Make q/k/v weights views into ONE (3D, D) tensor, so inference does one matmul instead of
+        three (no extra memory: the parameters share the fused storage). Training (grad enabled)
+        still uses the three Linear layers, whose in-place updates also update the fused tensor."""
+        with torch.no_grad():
+            fused = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], dim=0)
+            D = self.q_proj.weight.shape[0]
+            self.q_proj.weight.data = fused[:D]
+            self.k_proj.weight.data = fused[D:2 * D]
+            self.v_proj.weight.data = fused[2 * D:]
+        self._qkv_weight = fused
+
+    def _fused_qkv(self) -> torch.Tensor | None:
+        fused = getattr(self, "_qkv_weight", None)
+        if fused is None or torch.is_grad_enabled():
+            return None
+        # a load_state_dict(assign=True) or .to() replaces the parameters: never use a stale copy
+        ptr, step = fused.data_ptr(), fused[0].numel() * fused.element_size() * self.q_proj.weight.shape[0]
+        if (self.q_proj.weight.data_ptr() != ptr or self.k_proj.weight.data_ptr() != ptr + step
+                or self.v_proj.weight.data_ptr() != ptr + 2 * step):
+            self._qkv_weight = None
+            return None
+        return fused
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, eager: bool = False) -> torch.Tensor:
+        """x: (B, S, D); attn_mask: additive, broadcastable to (B, H, S, S), or None.
+
+        eager=True: the plain computation (explicit float32 softmax), kept as the `reference` mode
+        of the benchmarks."""
         B, S, D = x.shape
         H, hd = self.num_heads, self.head_dim
-        q = self.q_proj(x).view(B, S, H, hd).transpose(1, 2)  # (B, H, S, hd)
-        k = self.k_proj(x).view(B, S, H, hd).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, H, hd).transpose(1, 2)
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, scale=hd ** -0.5
-        )  # (B, H, S, hd)
+        fused = self._fused_qkv()
+        if fused is not None:
+            bias = torch.cat([self.q_proj.bias, torch.zeros_like(self.q_proj.bias), self.v_proj.bias])
+            q, k, v = F.linear(x, fused, bias).view(B, S, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, hd)
+        else:
+            q = self.q_proj(x).view(B, S, H, hd).transpose(1, 2)  # (B, H, S, hd)
+            k = self.k_proj(x).view(B, S, H, hd).transpose(1, 2)
+            v = self.v_proj(x).view(B, S, H, hd).transpose(1, 2)
+        if eager:
+            logits = (q * hd ** -0.5) @ k.transpose(-1, -2)
+            if attn_mask is not None:
+                logits = logits + attn_mask
+            probs = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+            a = F.dropout(probs, self.dropout, self.training) @ v
+        else:
+            a = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, scale=hd ** -0.5
+            )  # (B, H, S, hd)
         if self.head_scale is not None:
             a = a * self.head_scale.view(1, H, 1, 1).to(a.dtype)
         a = a.transpose(1, 2).reshape(B, S, D)

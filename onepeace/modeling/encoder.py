@@ -53,8 +53,9 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, layout: Layout) -> torch.Tensor:
-        a = self.attn(self.attn_norm(x), attn_mask)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, layout: Layout, eager: bool = False
+                ) -> torch.Tensor:
+        a = self.attn(self.attn_norm(x), attn_mask, eager=eager)
         if self.attn_out_norm is not None:
             a = self.attn_out_norm(a)
         a = self.dropout(a)
@@ -81,12 +82,16 @@ class Encoder(nn.Module):
         self.final_norms = nn.ModuleDict({name: nn.LayerNorm(cfg.embed_dim) for name in experts})
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, attn_masks: Sequence[torch.Tensor] | None, layout: Layout) -> torch.Tensor:
-        """x: (B, S, D); attn_masks: None, one additive mask for all layers, or one per layer."""
+    def forward(self, x: torch.Tensor, attn_masks, layout: Layout, eager: bool = False) -> torch.Tensor:
+        """x: (B, S, D); attn_masks: None, one additive mask for all layers, one per layer, or a
+        function of the layer index (the reference mode rebuilds its mask in every layer)."""
         for i, layer in enumerate(self.layers):
-            mask = None if not attn_masks else attn_masks[i if len(attn_masks) > 1 else 0]
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, mask, layout, use_reentrant=False)
+            if callable(attn_masks):
+                mask = attn_masks(i)
             else:
-                x = layer(x, mask, layout)
+                mask = None if not attn_masks else attn_masks[i if len(attn_masks) > 1 else 0]
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, mask, layout, eager, use_reentrant=False)
+            else:
+                x = layer(x, mask, layout, eager)
         return apply_per_segment(self.final_norms, x, layout)

@@ -39,8 +39,32 @@ class GeGLUFeedForward(nn.Module):
         self.norm = nn.LayerNorm(hidden_dim) if scale_fc else None
         self.fc_out = nn.Linear(hidden_dim, dim)
 
+    def fuse_projections(self) -> None:
+        """wi_0 / wi_1 as views into one (2F, D) tensor: one matmul at inference (see SelfAttention)."""
+        with torch.no_grad():
+            fused = torch.cat([self.wi_0.weight, self.wi_1.weight], dim=0)
+            F_ = self.wi_0.weight.shape[0]
+            self.wi_0.weight.data = fused[:F_]
+            self.wi_1.weight.data = fused[F_:]
+        self._wi_weight = fused
+
+    def _fused_wi(self) -> torch.Tensor | None:
+        fused = getattr(self, "_wi_weight", None)
+        if fused is None or torch.is_grad_enabled():
+            return None
+        step = fused[0].numel() * fused.element_size() * self.wi_0.weight.shape[0]
+        if self.wi_0.weight.data_ptr() != fused.data_ptr() or self.wi_1.weight.data_ptr() != fused.data_ptr() + step:
+            self._wi_weight = None
+            return None
+        return fused
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
-        hidden = F.gelu(self.wi_0(h)) * self.wi_1(h)  # exact (erf) GELU, as the reference
+        fused = self._fused_wi()
+        if fused is not None:
+            gate, up = F.linear(h, fused).chunk(2, dim=-1)
+            hidden = F.gelu(gate) * up
+        else:
+            hidden = F.gelu(self.wi_0(h)) * self.wi_1(h)  # exact (erf) GELU, as the reference
         hidden = self.dropout(hidden)
         if self.norm is not None:
             hidden = self.norm(hidden)

@@ -55,6 +55,23 @@ class OnePeaceModel(nn.Module):
             self.projections = None
             self.logit_scale = None
         self._tokenizer = None
+        # the plain implementation kept for benchmarks: eager attention with an explicit float32
+        # softmax, the (B, H, S, S) mask rebuilt in every layer, batches padded to the longest item
+        self.reference_mode = False
+
+    def fuse_for_inference(self) -> "OnePeaceModel":
+        """One matmul for q/k/v and one for the GeGLU input projections of every layer (the
+        parameters become views of the fused tensors: no extra memory, same state dict)."""
+        for layer in self.encoder.layers:
+            layer.attn.fuse_projections()
+            for expert in layer.ffn.values():
+                expert.fuse_projections()
+        return self
+
+    def compile_encoder(self, **kwargs: Any) -> "OnePeaceModel":
+        """torch.compile the shared encoder in place (parameter names unchanged)."""
+        self.encoder.compile(**kwargs)
+        return self
 
     # ------------------------------------------------------------------ properties
     @property
@@ -137,8 +154,17 @@ class OnePeaceModel(nn.Module):
         if has_padding:
             x = x * (1 - padding_mask.unsqueeze(-1).to(x.dtype))  # padded rows enter as zero vectors
         layout = [(name, out.tokens.shape[1]) for name, out in segments]
-        masks = self.attention_masks(segments, padding_mask if has_padding else None, x.dtype)
-        hidden = self.encoder(x, masks, layout)
+        if self.reference_mode:
+            def masks(layer: int):  # rebuilt per layer at full (B, H, S, S), as the published code does
+                built = self.attention_masks(segments, padding_mask if has_padding else None, x.dtype)
+                if built is None:
+                    return None
+                mask = built[layer if len(built) > 1 else 0]
+                return mask.expand(x.shape[0], -1, -1, -1).contiguous()
+            hidden = self.encoder(x, masks, layout, eager=True)
+        else:
+            masks = self.attention_masks(segments, padding_mask if has_padding else None, x.dtype)
+            hidden = self.encoder(x, masks, layout)
         result, start = {}, 0
         for name, length in layout:
             result[name] = hidden[:, start:start + length]
@@ -211,11 +237,14 @@ class OnePeaceModel(nn.Module):
 
         return encode_images(self, _as_list(images), batch_size)
 
-    def encode_audio(self, audios: Sequence[Any], batch_size: int = 8) -> torch.Tensor:
-        """Paths, (array, sample_rate) pairs or 16 kHz arrays -> (N, D) L2-normalised embeddings."""
+    def encode_audio(self, audios: Sequence[Any], batch_size: int = 8, long_audio: str = "crop") -> torch.Tensor:
+        """Paths, (array, sample_rate) pairs or 16 kHz arrays -> (N, D) L2-normalised embeddings.
+
+        long_audio="crop" keeps the first 15 s (the reference); "windows" averages the embeddings of
+        overlapping 15-s windows covering the whole clip (see onepeace.inference.encode_audios)."""
         from ..inference import encode_audios
 
-        return encode_audios(self, _as_list(audios, tuple_is_item=True), batch_size)
+        return encode_audios(self, _as_list(audios, tuple_is_item=True), batch_size, long_audio=long_audio)
 
 
 def _as_list(items: Any, tuple_is_item: bool = False) -> list:
@@ -225,6 +254,6 @@ def _as_list(items: Any, tuple_is_item: bool = False) -> list:
         return list(items)
     if isinstance(items, tuple) and tuple_is_item and len(items) == 2 and isinstance(items[1], int):
         return [items]
-    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__") or isinstance(items, torch.Tensor):
-        return [items]
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__") or hasattr(items, "ndim"):
+        return [items]  # one path, one array or tensor
     return list(items)
