@@ -35,7 +35,7 @@ def create_model(name_or_config: str | ModelConfig, device: torch.device | str =
 
 
 def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32,
-         modalities: Sequence[str] | None = None, allow_unsafe_pickle: bool = False, fuse: bool = True,
+         modalities: Sequence[str] | None = None, allow_unsafe_pickle: bool = False, fuse: bool | None = None,
          compile: bool = False) -> OnePeaceModel:
     """Load a released ONE-PEACE `.pt` checkpoint or a folder written by `onepeace convert`.
 
@@ -43,6 +43,8 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     modalities: load only these branches, e.g. ("text", "image"); other tensors are never read.
     allow_unsafe_pickle: unpickle with torch's full unpickler (runs code from the file: trusted files only).
     fuse: fuse the q/k/v and GeGLU input projections for inference (same numbers, fewer matmuls).
+        None (default) fuses on GPUs only: on CPUs we measured the fused GeGLU ~20% slower
+        (benchmarks/throughput.py), the CPU GEMM gaining nothing from the wider matrix.
     compile: torch.compile the shared encoder (slow first call, faster after; needs a compiler).
     The returned model is in eval mode; `model.load_report` says what was ignored or recomputed.
     """
@@ -56,7 +58,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     else:
         model, _ = load_released_checkpoint(path, modalities=modalities, dtype=dtype, device=device,
                                             allow_unsafe=allow_unsafe_pickle)
-    if fuse:
+    if fuse or (fuse is None and torch.device(device).type == "cuda"):
         model.fuse_for_inference()
     if compile:
         model.compile_encoder()

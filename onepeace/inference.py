@@ -55,7 +55,7 @@ def prepare_texts(model, texts: Sequence[str]) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def embed_token_ids(model, ids: Sequence[Sequence[int]], batch_size: int = 64, max_tokens: int | None = 4096
+def embed_token_ids(model, ids: Sequence[Sequence[int]], batch_size: int = 64, max_tokens: int | None = 1024
                     ) -> torch.Tensor:
     """Token id lists (each ending in </s>) -> (N, D) embeddings in input order."""
     _require(model, "text")
@@ -72,7 +72,7 @@ def embed_token_ids(model, ids: Sequence[Sequence[int]], batch_size: int = 64, m
     return _collect(model, len(ids), run())
 
 
-def encode_texts(model, texts: Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096) -> torch.Tensor:
+def encode_texts(model, texts: Sequence[str], batch_size: int = 64, max_tokens: int | None = 1024) -> torch.Tensor:
     return embed_token_ids(model, prepare_texts(model, texts), batch_size, max_tokens)
 
 
@@ -111,9 +111,10 @@ def audio_transform(model) -> AudioTransform:
 
 @torch.inference_mode()
 def embed_waveforms(model, waves: Sequence[torch.Tensor], batch_size: int = 8,
-                    max_samples: int | None = 8 * 240_000) -> torch.Tensor:
+                    max_samples: int | None = 2 * 240_000) -> torch.Tensor:
     """Prepared 1-D waveforms (layer-normed, cropped/tiled) -> (N, D) embeddings.
-    Batches hold at most `max_samples` padded samples (default: 8 clips of 15 s)."""
+    Batches hold at most `max_samples` padded samples (default: 30 s of audio; on a CPU a larger
+    batch gains little per token, while mixed lengths waste the padding)."""
     _require(model, "audio")
     spec = model.config.adapters["audio"].feature_encoder_spec
     sort = not model.reference_mode

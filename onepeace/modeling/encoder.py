@@ -58,6 +58,15 @@ class EncoderLayer(nn.Module):
         a = self.attn(self.attn_norm(x), attn_mask, eager=eager)
         if self.attn_out_norm is not None:
             a = self.attn_out_norm(a)
+        if not torch.is_grad_enabled() and not self.training:
+            # inference: the residual adds in place (x += gamma * a), no intermediate buffers
+            if self.layer_scale_attn is not None:
+                a.mul_(self.layer_scale_attn)
+            x = x + a
+            f = apply_per_segment(self.ffn, self.ffn_norm(x), layout)
+            if self.layer_scale_ffn is not None:
+                f.mul_(self.layer_scale_ffn)
+            return x.add_(f)
         a = self.dropout(a)
         if self.layer_scale_attn is not None:
             a = a * self.layer_scale_attn

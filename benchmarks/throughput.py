@@ -1,0 +1,163 @@
+"""Embedding throughput: onepeace's fast path vs its `reference` mode (the plain implementation:
+eager attention with a float32 softmax, the (B, H, S, S) mask rebuilt in every layer, unfused
+projections, batches padded to the longest item), with achieved GFLOP/s of the encoder's matrix
+products and their fraction of an fp32 matmul peak measured in the same run.
+
+    python benchmarks/throughput.py                      # base size (D=768, L=12, H=12, F=3072)
+    python benchmarks/throughput.py --size 4b-layer      # the 4B layer shape (D=1536, F=6144, H=24), 2 layers
+    python benchmarks/throughput.py --runs 5 --only text
+
+Random weights (speed does not depend on them); medians of --runs runs after one warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import onepeace
+from onepeace.config import EncoderConfig, get_config
+from onepeace.data.audio import collate_waveforms
+from onepeace.inference import embed_token_ids, embed_waveforms
+
+
+def matmul_peak(runs: int) -> float:
+    """fp32 matmul peak in GFLOP/s: the best of several square and encoder-like shapes, each the
+    median of its runs (a single shape under-reads the peak on a noisy shared machine)."""
+    best = 0.0
+    for m, k, n in ((2048, 2048, 2048), (2048, 768, 3072), (4096, 1536, 1536)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.mm(a, b)
+        times = []
+        for _ in range(max(5, runs)):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t)
+        best = max(best, 2 * m * k * n / statistics.median(times) / 1e9)
+    return best
+
+
+def encoder_flops(cfg: EncoderConfig, lengths: list[int]) -> float:
+    """FLOPs of the encoder's matrix products for sequences of these (real, unpadded) lengths:
+    q/k/v/out projections 4 D^2, GeGLU 3 D F per token, attention scores and values 2 S D per token."""
+    D, F, L = cfg.embed_dim, cfg.ffn_embed_dim, cfg.layers
+    return float(sum(2 * L * S * (4 * D * D + 3 * D * F + 2 * S * D) for S in lengths))
+
+
+def build(size: str) -> onepeace.OnePeaceModel:
+    if size == "base":
+        config = get_config("one-peace-base")
+        config = dataclasses.replace(config, adapters={**config.adapters, "image": dataclasses.replace(
+            config.adapters["image"], image_size=256, bucket_size=16, rel_bucket_size=16)})
+    elif size == "4b-layer":
+        config = get_config("one-peace-4b")
+        config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, layers=2))
+    else:
+        raise SystemExit(f"unknown size {size}")
+    torch.manual_seed(0)
+    model = onepeace.create_model(config).eval()
+    return model
+
+
+def timed(fn, runs: int) -> float:
+    with torch.inference_mode():
+        fn()  # warm-up
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def cases(model, rng):
+    """name -> (items, function, real sequence lengths for the FLOP count)."""
+    spec = model.config.adapters["audio"].feature_encoder_spec
+    vocab = model.config.adapters["text"].vocab_size
+
+    def ids(n):
+        return [list(rng.integers(4, vocab, size=n - 1)) + [2] for _ in range(1)][0]
+
+    text_fixed = [ids(40) for _ in range(32)]
+    text_mixed = [ids(int(n)) for n in rng.integers(5, 71, size=32)]
+    text_one = [ids(12)]
+    image8 = torch.randn(8, 3, 256, 256)
+    image1 = torch.randn(1, 3, 256, 256)
+
+    def clips(seconds):
+        return [torch.as_tensor(rng.standard_normal(int(16000 * s)).astype(np.float32)) for s in seconds]
+
+    audio5 = clips([5] * 4)
+    audio15 = clips([15] * 4)
+    audio_mixed = clips(rng.uniform(1, 15, size=8))
+
+    def frames(w):
+        from onepeace.data.audio import feature_lengths
+        return feature_lengths(w.shape[0], spec) + 1
+
+    def image_fn(x):
+        return lambda: model(image=x)
+
+    def text_fn(batch):
+        return lambda: embed_token_ids(model, batch, batch_size=64)
+
+    def audio_fn(waves):
+        return lambda: embed_waveforms(model, waves, batch_size=8)
+
+    return {
+        "text 32 x 40 tokens": (32, text_fn(text_fixed), [41] * 32),
+        "text 32 mixed 5-70": (32, text_fn(text_mixed), [len(x) + 1 for x in text_mixed]),
+        "text batch 1 (12)": (1, text_fn(text_one), [13]),
+        "image 8 x 256 px": (8, image_fn(image8), [257] * 8),
+        "image batch 1": (1, image_fn(image1), [257]),
+        "audio 4 x 5 s": (4, audio_fn(audio5), [frames(w) for w in audio5]),
+        "audio 4 x 15 s": (4, audio_fn(audio15), [frames(w) for w in audio15]),
+        "audio 8 mixed 1-15 s": (8, audio_fn(audio_mixed), [frames(w) for w in audio_mixed]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="base", choices=["base", "4b-layer"])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", default=None, help="run only cases whose name contains this")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--fuse", action="store_true", help="fused q/k/v and GeGLU projections (GPU default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peak = matmul_peak(args.runs)
+    fast = build(args.size)
+    if args.fuse:
+        fast.fuse_for_inference()
+    plain = build(args.size)
+    plain.reference_mode = True
+    cfg = fast.config.encoder
+    print(f"size {args.size}: D={cfg.embed_dim} F={cfg.ffn_embed_dim} L={cfg.layers} H={cfg.attention_heads}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.0f} GFLOP/s; "
+          f"medians of {args.runs} runs")
+    header = (f"{'case':<22} {'mode':<9} {'latency':>10} {'items/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'speed-up':>9}")
+    print(header)
+    print("-" * len(header))
+    rng = np.random.default_rng(0)
+    fast_cases = cases(fast, np.random.default_rng(0))
+    plain_cases = cases(plain, np.random.default_rng(0))
+    for name, (n, fn, lengths) in fast_cases.items():
+        if args.only and args.only not in name:
+            continue
+        flops = encoder_flops(cfg, lengths)
+        t_fast = timed(fn, args.runs)
+        t_plain = timed(plain_cases[name][1], args.runs)
+        for mode, t in (("onepeace", t_fast), ("reference", t_plain)):
+            gflops = flops / t / 1e9
+            ratio = f"{t_plain / t_fast:>8.2f}x" if mode == "onepeace" else ""
+            print(f"{name:<22} {mode:<9} {t * 1000:>8.1f}ms {n / t:>9.2f} {gflops:>8.1f} {100 * gflops / peak:>6.1f}% {ratio:>9}")
+    del rng
+
+
+if __name__ == "__main__":
+    main()
