@@ -441,7 +441,7 @@ def _assign(model: torch.nn.Module, tensors: Mapping[str, Any], dtype: torch.dty
                                   f"the model expects {tuple(meta.shape)}")
         target = dtype if (dtype is not None and meta.is_floating_point()) else None
         if isinstance(src, LazyTensor):
-            t = src.load(dtype=target, device=device)
+            t = src.load(dtype=target, device=device, release=True)
         else:
             t = src.to(device=device, dtype=target or src.dtype, copy=True)
         loaded[name] = t

@@ -94,12 +94,16 @@ class LazyTensor:
             n *= s
         return n
 
-    def load(self, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Read the bytes (from the memory map, no intermediate copy) and return a fresh tensor."""
+    def load(self, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+             release: bool = False) -> torch.Tensor:
+        """Read the bytes (from the memory map, no intermediate copy) and return a fresh tensor,
+        cast to `dtype`. release=True then drops the file's pages from this process's memory, so
+        loading a large model never holds the file's bytes AND the weights at once."""
         base = self.archive.storage_tensor(self.storage)
         t = base.as_strided(self.shape, self.stride, self.offset)
-        # .to() copies when dtype/device change; otherwise clone so the result owns its memory
         out = t.to(device=device, dtype=dtype or t.dtype, copy=True)
+        if release:
+            self.archive.release(self.storage)
         return out
 
 
@@ -135,6 +139,7 @@ class CheckpointArchive:
         self._file = open(self.path, "rb")
         self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         self._storages: dict[str, torch.Tensor] = {}
+        self._ranges: dict[str, tuple[int, int]] = {}  # storage key -> (byte offset, byte length)
 
     def close(self) -> None:
         self._storages.clear()
@@ -161,6 +166,17 @@ class CheckpointArchive:
         data = self._zip.read(self._pickle_name)
         return RestrictedUnpickler(io.BytesIO(data), self).load()
 
+    def release(self, storage: _LazyStorage) -> None:
+        """Forget a storage's bytes: drop the cached view and tell the kernel we no longer need its
+        pages (the mapping is read-only and file-backed: a later read just faults them back in)."""
+        self._storages.pop(storage.key, None)
+        start, length = self._ranges.get(storage.key, (0, 0))
+        page = mmap.PAGESIZE
+        first = (start + page - 1) // page * page  # whole pages inside this storage only
+        last = (start + length) // page * page
+        if last > first and hasattr(self._mmap, "madvise"):
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def storage_tensor(self, storage: _LazyStorage) -> torch.Tensor:
         """A flat tensor viewing the storage's bytes in the memory map."""
         cached = self._storages.get(storage.key)
@@ -175,6 +191,7 @@ class CheckpointArchive:
         extra_len = int.from_bytes(header[28:30], "little")
         start = info.header_offset + 30 + name_len + extra_len
         itemsize = torch.empty((), dtype=storage.dtype).element_size()
+        self._ranges[storage.key] = (start, storage.numel * itemsize)
         if info.file_size < storage.numel * itemsize:
             raise ValueError(f"{self.path!r}: storage {storage.key} is truncated")
         if storage.numel == 0:
