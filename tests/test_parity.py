@@ -9,16 +9,23 @@ from conftest import max_rel_error
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def outputs(tiny_model, tiny_expected):
+@pytest.fixture(scope="module", params=["default", "fused", "reference"])
+def outputs(request, tiny_expected):
+    """The ten outputs with the default CPU path, with the fused projections, and in reference mode."""
+    import onepeace
+    from conftest import TINY_CKPT
+
+    tiny_model = onepeace.load(TINY_CKPT, fuse=request.param == "fused")
+    tiny_model.reference_mode = request.param == "reference"
     i = tiny_expected["inputs"]
-    with torch.no_grad():
+    with torch.inference_mode():
         single = tiny_model(text=i["src_tokens"], image=i["src_images"], audio=i["src_audios"],
                             audio_padding_mask=i["audio_padding_masks"])
         vl = tiny_model(text=i["src_tokens"][:2], image=i["src_images"], fuse=True)
         al = tiny_model(text=i["src_tokens"][:2], audio=i["src_audios"],
                         audio_padding_mask=i["audio_padding_masks"], fuse=True)
     return {
+        "mode": request.param,
         "text_embed": (single.embeddings["text"], None),
         "image_embed": (single.embeddings["image"], None),
         "audio_embed": (single.embeddings["audio"], None),
@@ -57,7 +64,7 @@ def test_all_errors_summary(outputs, tiny_expected, capsys):
     """One line with every error, for the CI log."""
     errors = {n: max_rel_error(outputs[n][0], tiny_expected["outputs"][n], outputs[n][1]) for n in NAMES}
     with capsys.disabled():
-        print("\nofficial-tiny parity (max |a-b|/max|b|): "
+        print(f"\nofficial-tiny parity, {outputs['mode']} path (max |a-b|/max|b|): "
               + ", ".join(f"{n}={e:.1e}" for n, e in errors.items()))
     assert max(errors.values()) <= TOLERANCE
 
