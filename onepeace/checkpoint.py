@@ -88,6 +88,11 @@ def released_key_map(model: torch.nn.Module, prefix: str = ENCODER_PREFIX) -> di
             released = f"{prefix}fusion_model.layers.{index}." + _apply_rules(rest, _LAYER_RULES, "encoder")
         elif name.startswith("encoder."):
             released = prefix + _apply_rules(name, _MODEL_RULES, "encoder")
+        elif name.startswith("classify_head."):
+            from .modeling.heads import ClassifyHead
+
+            released = "classify_head." + _apply_rules(name[len("classify_head."):], ClassifyHead.RELEASED_NAMES,
+                                                       "classify head")
         else:
             released = _apply_rules(name, _MODEL_RULES, "model")
         mapping[name] = released
@@ -287,8 +292,31 @@ def config_from_released(cfg: Mapping[str, Any] | None, state: Mapping[str, Any]
     # projection heads belong to the encoder side (the decoder of a pretraining file has none)
     projections = (prefix == ENCODER_PREFIX and "logit_scale" in state
                    and all(f"{m}_proj.weight" in state for m in modalities))
-    config = ModelConfig(encoder=encoder, adapters=adapters, projections=projections, name=name)
+    head = None
+    if prefix == ENCODER_PREFIX and (model_cfg.get("_name") == "one_peace_classify"
+                                     or any(k.startswith("classify_head.") for k in state)):
+        head = _classify_head_config(model_cfg, task_cfg, state, D, notes, pick)
+    config = ModelConfig(encoder=encoder, adapters=adapters, projections=projections, name=name, classify_head=head)
     return config, notes
+
+
+def _classify_head_config(model_cfg, task_cfg, state, D, notes, pick):
+    from .modeling.heads import ClassifyHeadConfig
+
+    fc1, fc2 = _shape(state, "classify_head.classifier.0.weight"), _shape(state, "classify_head.classifier.3.weight")
+    if fc1 is None or fc2 is None:
+        raise CheckpointError("a one_peace_classify checkpoint without classify_head.classifier.{0,3}.weight: "
+                              "missing classify_head keys")
+    two = fc1[1] == 2 * D
+    return ClassifyHeadConfig(
+        head_type=str(task_cfg.get("head_type", "vl")),
+        num_classes=pick("num_classes", task_cfg.get("num_classes"), fc2[0]),
+        attn_pooling=pick("attn_pooling", model_cfg.get("attn_pooling"), "classify_head.attn_pooling_func.q" in state),
+        use_pooler=pick("use_pooler", model_cfg.get("use_pooler"), "classify_head.pooler.1.weight" in state),
+        head_scale_ratio=pick("head_scale_ratio", model_cfg.get("head_scale_ratio"), fc1[0] / D),
+        use_image_features=bool(model_cfg.get("use_image_features", False)),
+        use_two_images=pick("use_two_images", task_cfg.get("use_two_images"), two),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,11 +364,6 @@ def load_released_checkpoint(path: str | os.PathLike, *, modalities: Sequence[st
             raise CheckpointError(f"{path!r} is not a ONE-PEACE checkpoint: no 'model' state dict in it")
         cfg = _plain(obj.get("cfg"))
         state: Mapping[str, Any] = obj["model"]
-        model_name = ((cfg or {}).get("model") or {}).get("_name")
-        if model_name == "one_peace_classify" or any(k.startswith("classify_head.") for k in state):
-            raise CheckpointError(
-                f"{path!r} is a fine-tuned task checkpoint (one_peace_classify); task heads are not supported yet"
-            )
         config, notes = config_from_released(cfg, state, name=Path(path).stem)
         for note in notes:
             warnings.warn(f"{path}: {note}", stacklevel=2)
@@ -558,8 +581,14 @@ def released_cfg(config: ModelConfig) -> dict[str, Any]:
         if name == "text":
             task["max_src_length"] = acfg.max_length
         encoder[f"{name}_adapter"] = fields
-    return {"model": {"_name": "one_peace_retrieval", "copy_rel_pos_table": enc.rel_pos_tables > 1,
-                      "encoder": encoder}, "task": task}
+    model: dict[str, Any] = {"_name": "one_peace_retrieval", "copy_rel_pos_table": enc.rel_pos_tables > 1,
+                             "encoder": encoder}
+    head = config.classify_head
+    if head is not None:
+        model.update(_name="one_peace_classify", attn_pooling=head.attn_pooling, use_pooler=head.use_pooler,
+                     head_scale_ratio=head.head_scale_ratio, use_image_features=head.use_image_features)
+        task.update(head_type=head.head_type, num_classes=head.num_classes, use_two_images=head.use_two_images)
+    return {"model": model, "task": task}
 
 
 def released_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -147,6 +147,8 @@ class ModelConfig:
     projections: bool = True  # `{m}_proj` heads + logit_scale of the retrieval model
     logit_scale_init: float = 1 / 0.07  # the initial temperature (stored as its log)
     name: str = "custom"
+    # the task head of fine-tuned checkpoints (grounding, VQA, NLVR2, audio classification)
+    classify_head: "ClassifyHeadConfig | None" = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -175,6 +177,7 @@ class ModelConfig:
             "adapters": {m: c.to_dict() for m, c in self.adapters.items()},
             "projections": self.projections,
             "logit_scale_init": self.logit_scale_init,
+            "classify_head": None if self.classify_head is None else _asdict(self.classify_head),
         }
 
     @classmethod
@@ -192,6 +195,7 @@ class ModelConfig:
             projections=data.get("projections", True),
             logit_scale_init=data.get("logit_scale_init", 1 / 0.07),
             name=data.get("name", "custom"),
+            classify_head=None if not data.get("classify_head") else _from_dict(_head_config(), data["classify_head"]),
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -203,6 +207,12 @@ class ModelConfig:
     def load(cls, path: str | os.PathLike) -> "ModelConfig":
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def _head_config():
+    from .modeling.heads import ClassifyHeadConfig
+
+    return ClassifyHeadConfig
 
 
 def _asdict(obj) -> dict[str, Any]:

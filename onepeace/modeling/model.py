@@ -54,6 +54,12 @@ class OnePeaceModel(nn.Module):
         else:
             self.projections = None
             self.logit_scale = None
+        if config.classify_head is not None:
+            from .heads import ClassifyHead
+
+            self.classify_head = ClassifyHead(config.classify_head, enc.embed_dim, enc.attention_heads)
+        else:
+            self.classify_head = None
         self._tokenizer = None
         # the plain implementation kept for benchmarks: eager attention with an explicit float32
         # softmax, the (B, H, S, S) mask rebuilt in every layer, batches padded to the longest item
@@ -209,6 +215,63 @@ class OnePeaceModel(nn.Module):
         if self.projections is None:
             raise RuntimeError("this model has no projection heads (a task checkpoint)")
         return F.normalize(self.projections[modality](cls_state), dim=-1)
+
+    # ------------------------------------------------------------------ task heads
+    @property
+    def head_type(self) -> str | None:
+        """'vl', 'al', 'text', 'image' or 'audio' for a fine-tuned task checkpoint, else None."""
+        return None if self.classify_head is None else self.config.classify_head.head_type
+
+    def classify(self, text: torch.Tensor | None = None, image: torch.Tensor | None = None,
+                 audio: torch.Tensor | None = None, audio_padding_mask: torch.Tensor | None = None,
+                 image_2: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, num_classes) logits of the task head. 'vl'/'al' heads take one joint pass (text first);
+        two-image heads (NLVR2) a second joint pass with `image_2`, whose pooled vector is appended."""
+        if self.classify_head is None:
+            raise RuntimeError("this model has no task head (load a one_peace_classify checkpoint)")
+        hc = self.config.classify_head
+        needed = {"vl": ("text", "image"), "al": ("text", "audio")}.get(hc.head_type, (hc.head_type,))
+        given = {"text": text, "image": image, "audio": audio}
+        missing = [m for m in needed if given[m] is None]
+        if missing:
+            raise ValueError(f"a {hc.head_type!r} head needs {list(needed)}; missing {missing}")
+        if hc.use_two_images and image_2 is None:
+            raise ValueError("this head compares two images: pass image_2")
+
+        def pooled_pass(second_image: bool) -> torch.Tensor:
+            segments = []
+            for m in needed:
+                kwargs = {"second_image": True} if (second_image and m == "image") else {}
+                pad = audio_padding_mask if m == "audio" else None
+                value = image_2 if (second_image and m == "image") else given[m]
+                segments.append((m, self.embed_inputs(m, value, pad, **kwargs)))
+            hidden = self.encode(segments)
+            m = hc.pooled_modality
+            pad = dict(segments)[m].padding_mask
+            return self.classify_head.pool(hidden[m], pad)
+
+        pooled = pooled_pass(False)
+        if hc.use_two_images:
+            pooled = torch.cat([pooled, pooled_pass(True)], dim=-1)
+        return self.classify_head.classify(pooled)
+
+    @torch.inference_mode()
+    def ground(self, images: Sequence[Any], phrases: Sequence[str]) -> torch.Tensor:
+        """Visual grounding: (N, 4) boxes x1, y1, x2, y2 in each image's own pixels, for one phrase per
+        image (the released API: sigmoid of the 4 outputs scaled by the width and height)."""
+        from ..data.image import load_image
+        from ..inference import image_transform
+
+        images, phrases = _as_list(images), [phrases] if isinstance(phrases, str) else list(phrases)
+        if len(images) != len(phrases):
+            raise ValueError(f"{len(images)} images but {len(phrases)} phrases: give one phrase per image")
+        transform = image_transform(self)
+        pil = [load_image(i) for i in images]
+        pixels = torch.stack([transform(p) for p in pil]).to(self.device)
+        tokens = self.tokenizer(phrases).to(self.device)
+        logits = self.classify(text=tokens, image=pixels)
+        scale = torch.tensor([[p.width, p.height, p.width, p.height] for p in pil], dtype=torch.float32)
+        return logits.float().sigmoid().cpu() * scale
 
     # ------------------------------------------------------------------ raw inputs
     @property
