@@ -21,7 +21,6 @@ import torch
 
 import onepeace
 from onepeace.config import EncoderConfig, get_config
-from onepeace.data.audio import collate_waveforms
 from onepeace.inference import embed_token_ids, embed_waveforms
 
 

@@ -139,6 +139,29 @@ class EncoderConfig:
 
 
 @dataclass(frozen=True)
+class ClassifyHeadConfig:
+    head_type: str = "vl"  # which pass feeds the head: 'vl', 'al', 'text', 'image', 'audio'
+    num_classes: int = 4
+    attn_pooling: bool = True  # attention pooling over positions 1.. (else the CLS row)
+    use_pooler: bool = True  # Linear + tanh after pooling
+    head_scale_ratio: float = 2.0  # classifier hidden width = int(D * ratio)
+    use_image_features: bool = False  # joint passes: pool the image rows instead of the text rows
+    use_two_images: bool = False  # NLVR2: a second joint pass with a second image, pooled vectors concatenated
+
+    def __post_init__(self) -> None:
+        if self.head_type not in ("vl", "al", "text", "image", "audio"):
+            raise ValueError(f"head_type must be one of vl, al, text, image, audio; got {self.head_type!r}")
+
+    @property
+    def pooled_modality(self) -> str:
+        if self.head_type == "vl":
+            return "image" if self.use_image_features else "text"
+        if self.head_type == "al":
+            return "text"
+        return self.head_type
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A whole model: encoder, adapters (in canonical order: text first) and heads."""
 
@@ -148,7 +171,7 @@ class ModelConfig:
     logit_scale_init: float = 1 / 0.07  # the initial temperature (stored as its log)
     name: str = "custom"
     # the task head of fine-tuned checkpoints (grounding, VQA, NLVR2, audio classification)
-    classify_head: "ClassifyHeadConfig | None" = None
+    classify_head: ClassifyHeadConfig | None = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -195,7 +218,7 @@ class ModelConfig:
             projections=data.get("projections", True),
             logit_scale_init=data.get("logit_scale_init", 1 / 0.07),
             name=data.get("name", "custom"),
-            classify_head=None if not data.get("classify_head") else _from_dict(_head_config(), data["classify_head"]),
+            classify_head=None if not data.get("classify_head") else _from_dict(ClassifyHeadConfig, data["classify_head"]),
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -207,12 +230,6 @@ class ModelConfig:
     def load(cls, path: str | os.PathLike) -> "ModelConfig":
         with open(path) as f:
             return cls.from_dict(json.load(f))
-
-
-def _head_config():
-    from .modeling.heads import ClassifyHeadConfig
-
-    return ClassifyHeadConfig
 
 
 def _asdict(obj) -> dict[str, Any]:

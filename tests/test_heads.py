@@ -117,3 +117,15 @@ def test_classify_cli_ranks_labels_for_audio(tmp_path, capsys):
     probs = [float(line.split()[-1]) for line in lines[1:4]]
     assert probs == sorted(probs, reverse=True) and all(0 < p < 1 for p in probs)
     assert all(line.split()[1] in {"dog", "cow", "rain", "engine", "bird"} for line in lines[1:4])
+
+
+def test_heads_survive_conversion(tmp_path):
+    from onepeace.checkpoint import save_converted
+
+    model = _head_model(ClassifyHeadConfig(head_type="image", num_classes=3))
+    save_converted(model, tmp_path / "converted")
+    loaded = onepeace.load(tmp_path / "converted")
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.classify(image=images), loaded.classify(image=images))
+    assert loaded.head_type == "image"

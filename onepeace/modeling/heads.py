@@ -2,34 +2,13 @@
 grounding, VQA, NLVR2 (two images), audio classification."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ClassifyHeadConfig
 
-@dataclass(frozen=True)
-class ClassifyHeadConfig:
-    head_type: str = "vl"  # which pass feeds the head: 'vl', 'al', 'text', 'image', 'audio'
-    num_classes: int = 4
-    attn_pooling: bool = True  # attention pooling over positions 1.. (else the CLS row)
-    use_pooler: bool = True  # Linear + tanh after pooling
-    head_scale_ratio: float = 2.0  # classifier hidden width = int(D * ratio)
-    use_image_features: bool = False  # joint passes: pool the image rows instead of the text rows
-    use_two_images: bool = False  # NLVR2: a second joint pass with a second image, pooled vectors concatenated
-
-    def __post_init__(self) -> None:
-        if self.head_type not in ("vl", "al", "text", "image", "audio"):
-            raise ValueError(f"head_type must be one of vl, al, text, image, audio; got {self.head_type!r}")
-
-    @property
-    def pooled_modality(self) -> str:
-        if self.head_type == "vl":
-            return "image" if self.use_image_features else "text"
-        if self.head_type == "al":
-            return "text"
-        return self.head_type
+__all__ = ["AttentionPooling", "ClassifyHead", "ClassifyHeadConfig"]
 
 
 class AttentionPooling(nn.Module):

@@ -1,0 +1,1 @@
+"""Model building blocks: attention, layers, the shared encoder, modality adapters, heads, the model."""
