@@ -165,10 +165,15 @@ def test_pretraining_keys_are_reported_not_loaded():
     assert model.modalities == ("text", "image", "audio")
 
 
-def test_task_checkpoint_gets_a_clear_error():
+def test_task_checkpoint_has_a_head_and_no_embeddings():
     path = require(SHARED / "fixtures" / "official-classify-tiny" / "checkpoint.pt")
-    with pytest.raises(CheckpointError, match="one_peace_classify"):
-        onepeace.load(path)
+    model = onepeace.load(path)
+    assert model.head_type == "vl" and model.projections is None and model.modalities == ("text", "image")
+    with torch.no_grad():
+        out = model(text=torch.tensor([[5, 6, 2]]))
+    assert out.embeddings == {} and out.hidden_states["text"].shape == (1, 4, 64)
+    with pytest.raises(RuntimeError, match="no projection heads"):
+        model.project("text", out.hidden_states["text"][:, 0])
 
 
 def test_not_a_checkpoint(tmp_path):
