@@ -161,8 +161,22 @@ class ClassifyHeadConfig:
         return self.head_type
 
 
+class JsonConfig:
+    """save/load for config dataclasses that define to_dict / from_dict."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(JsonConfig):
     """A whole model: encoder, adapters (in canonical order: text first) and heads."""
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -221,15 +235,6 @@ class ModelConfig:
             classify_head=None if not data.get("classify_head") else _from_dict(ClassifyHeadConfig, data["classify_head"]),
         )
 
-    def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "ModelConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
 
 def _asdict(obj) -> dict[str, Any]:

@@ -29,6 +29,20 @@ def tiny_model():
     return onepeace.load(require(TINY_CKPT))
 
 
+def random_tiny_model():
+    """The test size with the real vocabulary and seeded random weights (nudged away from the
+    initialisation's zeros and ones so that every parameter matters), with the released tokenizer."""
+    import onepeace
+
+    torch.manual_seed(0)
+    model = onepeace.create_model("one-peace-tiny").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.tokenizer = onepeace.get_tokenizer(require(BPE_DIR))
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_expected():
     return torch.load(require(FIXTURES / "official-tiny" / "expected.pt"), weights_only=True)

@@ -7,19 +7,13 @@ import pytest
 import torch
 
 import onepeace
-from conftest import BPE_DIR, TINY_CKPT, max_rel_error, require
+from conftest import TINY_CKPT, max_rel_error, random_tiny_model
 from onepeace.inference import audio_window_starts, length_sorted_batches
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = onepeace.create_model("one-peace-tiny").eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    m.tokenizer = onepeace.get_tokenizer(require(BPE_DIR))
-    return m
+    return random_tiny_model()
 
 
 def test_reference_mode_matches_the_fixture_and_the_fast_path(tiny_expected):

@@ -9,20 +9,13 @@ import torch
 from PIL import Image
 
 import onepeace
-from conftest import ASSETS, BPE_DIR, require
+from conftest import ASSETS, random_tiny_model, require
 from onepeace.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
 def tiny_random():
-    """The test size with the real vocabulary, random weights (seeded)."""
-    torch.manual_seed(0)
-    model = onepeace.create_model("one-peace-tiny").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    model.tokenizer = onepeace.get_tokenizer(require(BPE_DIR))
-    return model
+    return random_tiny_model()
 
 
 def test_every_parameter_gets_a_gradient():

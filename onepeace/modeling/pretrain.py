@@ -3,21 +3,19 @@ intra-modal denoising contrast (spec 10.2), with decoder embeds, mask tokens and
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import JsonConfig, ModelConfig
 from .adapters import AdapterOutput
 from .model import OnePeaceModel
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(JsonConfig):
     """The encoder-side model (with projections) and the decoder (no projections, no relative bias)."""
 
     model: ModelConfig
@@ -30,15 +28,6 @@ class PretrainConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "PretrainConfig":
         return cls(model=ModelConfig.from_dict(data["model"]), decoder=ModelConfig.from_dict(data["decoder"]))
 
-    def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "PretrainConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
 
 def default_decoder_config(model: ModelConfig, embed_dim: int | None = None, layers: int = 2,

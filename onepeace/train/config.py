@@ -3,11 +3,10 @@ which parameters are frozen, whether the temperature is re-initialised."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..config import JsonConfig
 from ..data.masking import MaskingConfig
 from .objectives import LossConfig
 
@@ -39,7 +38,7 @@ STAGES: dict[str, StageConfig] = {
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(JsonConfig):
     train_manifest: str
     output_dir: str = "runs/train"
     # the model: a named size (random init), or init_from a released .pt (pretraining or retrieval),
@@ -101,15 +100,6 @@ class TrainConfig:
             data["loss"] = _build(LossConfig, data["loss"])
         return _build(cls, data)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "TrainConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
-    def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
 
 
 def _build(cls, raw: Mapping[str, Any]):
