@@ -271,6 +271,23 @@ def _released_adapters(image_size: int = 256, audio_channels: int = 512) -> dict
     }
 
 
+def _small_size(name: str, dim: int, ffn_dim: int, layers: int, audio_channels: int, conv_pos_groups: int
+                ) -> ModelConfig:
+    """4 heads, 64-pixel images (4 x 4 patches), the released audio strides with fewer channels."""
+    return ModelConfig(
+        encoder=EncoderConfig(embed_dim=dim, ffn_embed_dim=ffn_dim, layers=layers, attention_heads=4),
+        adapters={
+            "text": TextAdapterConfig(),
+            "image": ImageAdapterConfig(image_size=64, bucket_size=4, rel_bucket_size=4),
+            "audio": AudioAdapterConfig(
+                feature_encoder_spec=tuple((audio_channels, k, s) for _, k, s in RELEASED_AUDIO_FEATURE_SPEC),
+                conv_pos_groups=conv_pos_groups,
+            ),
+        },
+        name=name,
+    )
+
+
 def _named_sizes() -> dict[str, ModelConfig]:
     sizes = {
         # The released retrieval model (3.88e9 parameters).
@@ -282,30 +299,9 @@ def _named_sizes() -> dict[str, ModelConfig]:
             name="one-peace-base",
         ),
         # Small enough to pretrain on 2 CPU cores in minutes.
-        "one-peace-small": ModelConfig(
-            encoder=EncoderConfig(embed_dim=192, ffn_embed_dim=512, layers=4, attention_heads=4),
-            adapters={
-                "text": TextAdapterConfig(),
-                "image": ImageAdapterConfig(image_size=64, bucket_size=4, rel_bucket_size=4),
-                "audio": AudioAdapterConfig(
-                    feature_encoder_spec=tuple((64, k, s) for _, k, s in RELEASED_AUDIO_FEATURE_SPEC),
-                    conv_pos_groups=4,
-                ),
-            },
-            name="one-peace-small",
-        ),
+        "one-peace-small": _small_size("one-peace-small", 192, 512, 4, audio_channels=64, conv_pos_groups=4),
         # For unit tests: the sizes of the official-tiny fixture, with the real vocabulary.
-        "one-peace-tiny": ModelConfig(
-            encoder=EncoderConfig(embed_dim=64, ffn_embed_dim=160, layers=3, attention_heads=4),
-            adapters={
-                "text": TextAdapterConfig(),
-                "image": ImageAdapterConfig(image_size=64, bucket_size=4, rel_bucket_size=4),
-                "audio": AudioAdapterConfig(
-                    feature_encoder_spec=tuple((32, k, s) for _, k, s in RELEASED_AUDIO_FEATURE_SPEC),
-                ),
-            },
-            name="one-peace-tiny",
-        ),
+        "one-peace-tiny": _small_size("one-peace-tiny", 64, 160, 3, audio_channels=32, conv_pos_groups=16),
     }
     return sizes
 

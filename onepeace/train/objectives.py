@@ -55,6 +55,13 @@ def _skip_dcl(weights: Mapping[str, float], default: Mapping[str, float]) -> boo
     return all(w.get(k, 0.0) == 0.0 for k in default if k.startswith("dcl_"))
 
 
+def _aligning_loss(pm: OnePeacePretrainModel, tokens: torch.Tensor, text_hidden: torch.Tensor,
+                   other_hidden: torch.Tensor, other: str, cfg: LossConfig) -> torch.Tensor:
+    """ITC / ATC between the text CLS embeddings and the other modality's."""
+    return contrastive_loss(_embed(pm, text_hidden, "text"), _embed(pm, other_hidden, other), pm.model.logit_scale,
+                            gather=cfg.contrast_gather, group_ids=_caption_ids(tokens, cfg))
+
+
 def _embed(pm: OnePeacePretrainModel, hidden: torch.Tensor, modality: str) -> torch.Tensor:
     return F.normalize(pm.model.projections[modality](hidden[:, 0]), dim=-1)
 
@@ -73,9 +80,7 @@ def vision_language_losses(pm: OnePeacePretrainModel, batch: Mapping[str, torch.
     # unmasked passes: ITC (with gradient) and the teachers (used detached)
     text_full, _ = pm.encode({"text": tokens})
     image_full, _ = pm.encode({"image": images})
-    losses = {"itc_loss": contrastive_loss(_embed(pm, text_full["text"], "text"), _embed(pm, image_full["image"], "image"),
-                                           pm.model.logit_scale, gather=cfg.contrast_gather,
-                                           group_ids=_caption_ids(tokens, cfg))}
+    losses = {"itc_loss": _aligning_loss(pm, tokens, text_full["text"], image_full["image"], "image", cfg)}
     if _skip_dcl(cfg.weights, VL_WEIGHTS):
         return _total(losses, cfg.weights)
     with torch.no_grad():
@@ -109,9 +114,7 @@ def audio_language_losses(pm: OnePeacePretrainModel, batch: Mapping[str, torch.T
     with torch.no_grad():
         text_full, _ = pm.encode({"text": tokens})
     audio_full, _ = pm.encode({"audio": audio}, {"audio": audio_pad}, adapter_kwargs=shared)
-    losses = {"atc_loss": contrastive_loss(_embed(pm, text_full["text"], "text"), _embed(pm, audio_full["audio"], "audio"),
-                                           pm.model.logit_scale, gather=cfg.contrast_gather,
-                                           group_ids=_caption_ids(tokens, cfg))}
+    losses = {"atc_loss": _aligning_loss(pm, tokens, text_full["text"], audio_full["audio"], "audio", cfg)}
     if _skip_dcl(cfg.weights, AL_WEIGHTS):
         return _total(losses, cfg.weights)
     with torch.no_grad():
