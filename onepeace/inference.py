@@ -55,7 +55,7 @@ def prepare_texts(model, texts: Sequence[str]) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def embed_token_ids(model, ids: Sequence[Sequence[int]], batch_size: int = 64, max_tokens: int | None = 512
+def embed_token_ids(model, ids: Sequence[Sequence[int]], batch_size: int = 64, max_tokens: int | None = 4096
                     ) -> torch.Tensor:
     """Token id lists (each ending in </s>) -> (N, D) embeddings in input order."""
     _require(model, "text")
@@ -72,7 +72,7 @@ def embed_token_ids(model, ids: Sequence[Sequence[int]], batch_size: int = 64, m
     return _collect(model, len(ids), run())
 
 
-def encode_texts(model, texts: Sequence[str], batch_size: int = 64, max_tokens: int | None = 512) -> torch.Tensor:
+def encode_texts(model, texts: Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096) -> torch.Tensor:
     return embed_token_ids(model, prepare_texts(model, texts), batch_size, max_tokens)
 
 

@@ -6,6 +6,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class PackedRows:
+    """The real (non-padding) rows of a padded (B, S, .) batch, kept as one (N, .) matrix.
+
+    At inference, projections, LayerNorms and FFNs run on the N real rows only (a batch of mixed
+    lengths then costs what its tokens cost, not B x longest); only the attention itself needs the
+    (B, H, S, S) layout, where padded keys are masked anyway."""
+
+    def __init__(self, padding_mask: torch.Tensor):  # (B, S) bool, True = padding
+        self.batch, self.length = padding_mask.shape
+        self.index = (~padding_mask).reshape(-1).nonzero().squeeze(1)  # (N,) flat b * S + s
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, C) -> (N, C)"""
+        return x.reshape(self.batch * self.length, -1).index_select(0, self.index)
+
+    def unpack(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, C) -> (B, S, C), zeros at padding"""
+        out = rows.new_zeros(self.batch * self.length, rows.shape[-1])
+        return out.index_copy_(0, self.index, rows).view(self.batch, self.length, -1)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with an additive mask (relative bias + key padding as -inf).
 
@@ -52,18 +73,27 @@ class SelfAttention(nn.Module):
             return None
         return fused
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, eager: bool = False) -> torch.Tensor:
-        """x: (B, S, D); attn_mask: additive, broadcastable to (B, H, S, S), or None.
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, eager: bool = False,
+                packed: PackedRows | None = None) -> torch.Tensor:
+        """x: (B, S, D), or (N, D) real rows with `packed`; attn_mask: additive, broadcastable to
+        (B, H, S, S), or None. Returns x's shape.
 
         eager=True: the plain computation (explicit float32 softmax), kept as the `reference` mode
         of the benchmarks."""
-        B, S, D = x.shape
         H, hd = self.num_heads, self.head_dim
         fused = self._fused_qkv()
-        if fused is not None:
-            bias = torch.cat([self.q_proj.bias, torch.zeros_like(self.q_proj.bias), self.v_proj.bias])
-            q, k, v = F.linear(x, fused, bias).view(B, S, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, hd)
+        if fused is not None or packed is not None:
+            if fused is not None:  # one matmul; k has no bias
+                bias = torch.cat([self.q_proj.bias, torch.zeros_like(self.q_proj.bias), self.v_proj.bias])
+                qkv = F.linear(x, fused, bias)
+            else:
+                qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+            if packed is not None:
+                qkv = packed.unpack(qkv)  # (N, 3D) -> (B, S, 3D)
+            B, S, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+            q, k, v = qkv.view(B, S, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, hd)
         else:
+            B, S, D = x.shape
             q = self.q_proj(x).view(B, S, H, hd).transpose(1, 2)  # (B, H, S, hd)
             k = self.k_proj(x).view(B, S, H, hd).transpose(1, 2)
             v = self.v_proj(x).view(B, S, H, hd).transpose(1, 2)
@@ -80,6 +110,8 @@ class SelfAttention(nn.Module):
         if self.head_scale is not None:
             a = a * self.head_scale.view(1, H, 1, 1).to(a.dtype)
         a = a.transpose(1, 2).reshape(B, S, D)
+        if packed is not None:
+            a = packed.pack(a)  # (N, D)
         if self.inner_norm is not None:
             a = self.inner_norm(a)
         return self.out_proj(a)

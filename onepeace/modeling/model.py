@@ -12,6 +12,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..registry import adapter_class
 from .adapters import AdapterOutput
+from .attention import PackedRows
 from .encoder import Encoder
 
 
@@ -170,7 +171,13 @@ class OnePeaceModel(nn.Module):
             hidden = self.encoder(x, masks, layout, eager=True)
         else:
             masks = self.attention_masks(segments, padding_mask if has_padding else None, x.dtype)
-            hidden = self.encoder(x, masks, layout)
+            if has_padding and masks is not None and len(segments) == 1 and not torch.is_grad_enabled():
+                # inference on a padded one-modality batch: every row-wise op runs on the real rows only
+                # (padded keys are -inf in the mask, so the padded rows never influence real ones)
+                packed = PackedRows(padding_mask)
+                hidden = packed.unpack(self.encoder(packed.pack(x), masks, layout, packed=packed))
+            else:
+                hidden = self.encoder(x, masks, layout)
         result, start = {}, 0
         for name, length in layout:
             result[name] = hidden[:, start:start + length]

@@ -1,6 +1,7 @@
 """Relative-position bucket indices (recomputed, never loaded: the files' `rp_bucket` buffers are these).
 
-Indices are cached per (arguments, device) because every forward needs them.
+Indices are cached per (arguments, device) because every forward needs them. They are always built
+outside inference mode: a cached inference tensor would break a later training step on the same model.
 """
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ import torch
 MAX_1D_POSITIONS = 1024  # the released tables were built for sequences of up to 1024 positions
 
 
-@functools.lru_cache(maxsize=32)
+def _cached_index(fn):
+    @functools.lru_cache(maxsize=32)
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_cached_index
 def bucket_index_1d(bucket_size: int, max_positions: int = MAX_1D_POSITIONS, device: str = "cpu") -> torch.Tensor:
     """(max_positions, max_positions) int64 index into a table of 2*bucket_size + 2 rows.
 
@@ -37,7 +47,7 @@ def bucket_index_1d(bucket_size: int, max_positions: int = MAX_1D_POSITIONS, dev
     return index.to(device)
 
 
-@functools.lru_cache(maxsize=32)
+@_cached_index
 def bucket_index_2d(grid: int, device: str = "cpu") -> torch.Tensor:
     """(grid^2 + 1, grid^2 + 1) int64 index into a table of (2*grid - 1)^2 + 3 rows (CLS first)."""
     coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)  # (2, g^2)
