@@ -9,9 +9,10 @@ from typing import Sequence
 
 import torch
 
+from .data.files import find_inputs, text_items
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-TEXT_EXTENSIONS = frozenset({".txt"})
 
 
 def _dtype(name: str) -> torch.dtype | None:
@@ -34,73 +35,36 @@ def _load_model(args: argparse.Namespace):
                          allow_unsafe_pickle=getattr(args, "allow_unsafe_pickle", False))
 
 
+def _set_bpe_dir(model, bpe_dir: str | None) -> None:
+    if bpe_dir:
+        from .tokenizer import get_tokenizer
+
+        model.tokenizer = get_tokenizer(bpe_dir)
+
+
 # ------------------------------------------------------------------------------------------ embed
-def find_inputs(paths: Sequence[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Files and folders -> ([(modality, path)], [(path, problem)]). Folders are walked recursively,
-    in sorted order; their files of unknown type are ignored, explicitly named ones are reported."""
-    from .data.audio import AUDIO_EXTENSIONS
-    from .data.image import IMAGE_EXTENSIONS
-
-    def modality_of(p: Path) -> str | None:
-        ext = p.suffix.lower()
-        if ext in IMAGE_EXTENSIONS:
-            return "image"
-        if ext in AUDIO_EXTENSIONS:
-            return "audio"
-        if ext in TEXT_EXTENSIONS:
-            return "text"
-        return None
-
-    found, problems = [], []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            for f in sorted(q for q in p.rglob("*") if q.is_file()):
-                m = modality_of(f)
-                if m is not None:
-                    found.append((m, str(f)))
-        elif p.exists():
-            m = modality_of(p)
-            if m is None:
-                problems.append((str(p), f"unknown file type {p.suffix!r}"))
-            else:
-                found.append((m, str(p)))
-        else:
-            problems.append((str(p), "no such file or folder"))
-    return found, problems
-
-
-def _text_items(path: str) -> list[tuple[str, str]]:
-    """A .txt file: one text per non-empty line, named path:line."""
-    with open(path, encoding="utf-8") as f:
-        return [(f"{path}:{n}", line.strip()) for n, line in enumerate(f, 1) if line.strip()]
-
-
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from . import inference
+    from .inference import embed_entries
 
     items, failed = find_inputs(args.inputs)
     texts = [(f"--text[{i}]", t) for i, t in enumerate(args.text or [])]
     for modality, path in [x for x in items if x[0] == "text"]:
         try:
-            texts += _text_items(path)
-        except (OSError, UnicodeDecodeError) as e:
+            texts += text_items(path)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
             failed.append((path, f"cannot read text file: {e}"))
     items = [x for x in items if x[0] != "text"]
     if not items and not texts:
-        print("nothing to embed: no image, audio or .txt files found and no --text given", file=sys.stderr)
+        print("nothing to embed: no image, audio, .txt or .jsonl files found and no --text given", file=sys.stderr)
         for path, why in failed:
             print(f"  skipped {path}: {why}", file=sys.stderr)
         return 2
 
     model = _load_model(args)
-    if args.bpe_dir:
-        from .tokenizer import get_tokenizer
-
-        model.tokenizer = get_tokenizer(args.bpe_dir)
+    _set_bpe_dir(model, args.bpe_dir)
     names: list[str] = []
     modalities: list[str] = []
     chunks: list[torch.Tensor] = []
@@ -115,44 +79,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     total = sum(len(v) for _, v in plans)
     bar = tqdm(total=total, unit="item", desc="embedding", disable=args.quiet)
     for modality, entries in plans:
-        if not entries:
-            continue
-        if modality not in model.adapters:
-            for name, _ in entries:
-                report(name, f"the model has no {modality} branch")
-            bar.update(len(entries))
-            continue
-        try:
-            prepare = {"image": lambda: inference.image_transform(model),
-                       "audio": lambda: inference.audio_transform(model),
-                       "text": lambda: model.tokenizer.encode}[modality]()
-            embed = {"image": inference.embed_image_tensors, "audio": inference.embed_waveforms,
-                     "text": inference.embed_token_ids}[modality]
-        except (FileNotFoundError, ValueError) as e:  # e.g. no tokenizer files
-            for name, _ in entries:
-                report(name, str(e))
-            bar.update(len(entries))
-            continue
-        batch = args.batch_size or {"image": 32, "audio": 8, "text": 64}[modality]
-        for start in range(0, len(entries), batch):
-            ok_names, prepared = [], []
-            for name, source in entries[start:start + batch]:
-                try:
-                    prepared.append(prepare(source))
-                    ok_names.append(name)
-                except (ValueError, OSError) as e:  # InputError is a ValueError and names the input
-                    report(name, str(e))
-            if prepared:
-                try:
-                    emb = embed(model, prepared, batch_size=batch)
-                except ValueError as e:  # e.g. token ids outside a toy model's vocabulary
-                    for name in ok_names:
-                        report(name, str(e))
-                else:
-                    chunks.append(emb.cpu())
-                    names += ok_names
-                    modalities += [modality] * len(ok_names)
-            bar.update(len(entries[start:start + batch]))
+        if entries:
+            ok, emb = embed_entries(model, modality, entries, report, args.batch_size, bar.update)
+            chunks.append(emb)
+            names += ok
+            modalities += [modality] * len(ok)
     bar.close()
 
     out = Path(args.out)
@@ -258,10 +189,7 @@ def cmd_ground(args: argparse.Namespace) -> int:
     from .data.image import load_image
 
     model = _load_model(args)
-    if args.bpe_dir:
-        from .tokenizer import get_tokenizer
-
-        model.tokenizer = get_tokenizer(args.bpe_dir)
+    _set_bpe_dir(model, args.bpe_dir)
     if model.head_type != "vl" or model.config.classify_head.num_classes != 4:
         raise ValueError(f"{args.model} is not a grounding checkpoint (needs a 'vl' head with 4 outputs; "
                          f"head: {model.head_type})")
@@ -334,10 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.zero_shot import evaluate, load_concepts
 
     model = _load_model(args)
-    if args.bpe_dir:
-        from .tokenizer import get_tokenizer
-
-        model.tokenizer = get_tokenizer(args.bpe_dir)
+    _set_bpe_dir(model, args.bpe_dir)
     result = evaluate(model, args.manifests, concepts=load_concepts(args.concepts), progress=not args.quiet)
     for kind, top1 in result["zero_shot"].items():
         print(f"zero-shot {kind:<6} top-1 {top1:.3f}  ({result['counts'][kind]} items, {len(result['classes'])} classes)")
@@ -365,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unpickle with torch's full unpickler (runs code from the file: trusted files only)")
 
     p = sub.add_parser("embed", help="embed image/audio files, folders and texts into an .npz")
-    p.add_argument("inputs", nargs="*", help="files or folders (modality from the extension; .txt: one text per line)")
+    p.add_argument("inputs", nargs="*", help="files or folders (modality from the extension; .txt/.jsonl: one text per line)")
     p.add_argument("--text", "-t", action="append", help="a text to embed (repeatable)")
     p.add_argument("--out", "-o", default="embeddings.npz")
     p.add_argument("--batch-size", type=int, default=None)
