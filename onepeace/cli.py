@@ -1,4 +1,4 @@
-"""The `onepeace` command line: embed, convert, info."""
+"""The `onepeace` command line: embed, index, search, serve, convert, info, train, demo, eval."""
 from __future__ import annotations
 
 import argparse
@@ -97,6 +97,57 @@ def cmd_embed(args: argparse.Namespace) -> int:
     print(f"wrote {out}: {len(names)} embeddings of dim {dim} "
           f"({', '.join(f'{n} {m}' for m, n in counts.items()) or 'none'}); {len(failed)} skipped")
     return 0 if names else 1
+
+
+# ------------------------------------------------------------------------------------------ index / search / serve
+def cmd_index(args: argparse.Namespace) -> int:
+    from .index import IndexConfig, build_index
+
+    config = IndexConfig(chunk_files=args.chunk_files, batch_size=args.batch_size, ivf_threshold=args.ivf_threshold,
+                         nlist=args.nlist, nprobe=args.nprobe)
+    model = _load_model(args)
+    _set_bpe_dir(model, args.bpe_dir)
+    report = build_index(args.folder, args.out, model, args.model, config, rank=args.rank, world_size=args.world_size,
+                         progress=not args.quiet)
+    print(f"{args.out}: {report.summary()}")
+    for path, why in report.failed:
+        print(f"  failed {path}: {why}")
+    return 0
+
+
+def _query_parts(args: argparse.Namespace):
+    from .index import QueryPart, parse_weights
+
+    raw = ([("text", t) for t in args.text or []] + [("image", p) for p in args.image or []]
+           + [("audio", p) for p in args.audio or []])
+    weights = parse_weights(args.weights, raw)
+    return [QueryPart(m, v, w, name=f"--{m} {v!r}") for (m, v), w in zip(raw, weights)]
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .index import SearchIndex, embed_query, format_table
+
+    parts = _query_parts(args)
+    if not parts:
+        raise ValueError("give at least one --text, --image or --audio")
+    index = SearchIndex(args.index)
+    args.model = args.model or index.info["model"]
+    model = _load_model(args)
+    _set_bpe_dir(model, args.bpe_dir)
+    hits = index.search(embed_query(model, parts), k=args.k, modality=args.modality)
+    if args.json:
+        print(json.dumps({"query": [{"modality": p.modality, "value": str(p.value), "weight": p.weight} for p in parts],
+                          "modality": args.modality, "results": hits}, indent=2))
+    else:
+        print(format_table(hits, index.info.get("root")))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, serve
+
+    config = ServeConfig(host=args.host, port=args.port, max_upload_bytes=args.max_upload_mb * 1024 * 1024)
+    return serve(args.index, model_path=args.model, config=config, device=args.device, bpe_dir=args.bpe_dir)
 
 
 # ------------------------------------------------------------------------------------------ convert
@@ -299,6 +350,48 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p)
     p.set_defaults(func=cmd_embed)
 
+    p = sub.add_parser("index", help="embed every image, audio and text file under a folder into a searchable index")
+    p.add_argument("folder", help="folder to index recursively (images, audio, .txt/.jsonl lines as texts)")
+    p.add_argument("--out", "-o", required=True, help="index folder (created; rerun to resume or update)")
+    p.add_argument("--chunk-files", type=int, default=256, help="files per committed shard (default 256)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--ivf-threshold", type=int, default=50_000,
+                   help="per modality: above this many vectors use an IVF index instead of exact search")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(n))")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default nlist/8, >= 8)")
+    p.add_argument("--rank", type=int, default=None, help="this process's share (default: torchrun's RANK, else 0)")
+    p.add_argument("--world-size", type=int, default=None, help="number of shares (default: WORLD_SIZE, else 1)")
+    p.add_argument("--bpe-dir", default=None)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    model_options(p)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="search an index with text, image and audio queries (weighted, composed)")
+    p.add_argument("index")
+    p.add_argument("--text", "-t", action="append", help="a text query part (repeatable)")
+    p.add_argument("--image", "-i", action="append", help="an image file query part (repeatable)")
+    p.add_argument("--audio", "-a", action="append", help="an audio file query part (repeatable)")
+    p.add_argument("--weights", "-w", nargs="+", default=None,
+                   help="one number per part (texts, images, audios in that order) or modality=number")
+    p.add_argument("--modality", choices=["image", "audio", "text"], default=None, help="only results of this modality")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="JSON output instead of a table")
+    p.add_argument("--model", "-m", default=None, help="default: the model the index was built with")
+    p.add_argument("--bpe-dir", default=None)
+    model_options(p, model_flag=False)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("serve", help="HTTP JSON API + web page to search an index (default: the demo model and data)")
+    p.add_argument("index", nargs="?", default=None,
+                   help="index folder (default: index the demo data with runs/demo/model on first use)")
+    p.add_argument("--model", "-m", default=None, help="default: the index's model (runs/demo/model for the demo)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=int, default=10, help="largest accepted upload (default 10 MB)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bpe-dir", default=None)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("convert", help="released .pt -> config.json + model.safetensors")
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
@@ -361,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"onepeace {args.command}: error: {e}", file=sys.stderr)
         return 2
 
