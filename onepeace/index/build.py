@@ -178,7 +178,7 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, model, model_pa
         if world_size == 1 or dist is not None:
             store.collect_garbage()
         merged = info.get("merged_model_id") == mid and (store.faiss_dir.exists())
-        if todo or gone or not merged or world_size > 1:
+        if report.embedded_items or report.changed or gone or not merged or world_size > 1:
             report.faiss = store.build_faiss(mid, config.ivf_threshold, config.nlist, config.nprobe)
         else:
             from .store import FaissChoice
