@@ -96,3 +96,13 @@ def make_collection(root: Path) -> Path:
     (root / "photos" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 10)
     (root / "notes.md").write_text("not indexed")
     return root
+
+
+def require_module(name: str, extra: str):
+    """Import an optional dependency, or fail the test saying which extra installs it (CI has all)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        pytest.fail(f"{name} is not installed: pip install -e '.[{extra}]' (.ci/run installs it)", pytrace=False)

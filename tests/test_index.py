@@ -11,16 +11,19 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("faiss", reason="the serve extra: pip install 'onepeace[serve]'")
-
-import onepeace  # noqa: E402
-from conftest import ASSETS, BPE_DIR, CAPTIONS, make_collection  # noqa: E402
-from onepeace.index import IndexConfig, IndexStore, QueryPart, SearchIndex, build_index, embed_query  # noqa: E402
-from onepeace.index.build import KILL_ENV, rank_of  # noqa: E402
-from onepeace.index.search import parse_weights  # noqa: E402
-from onepeace.index.store import choose_faiss  # noqa: E402
+import onepeace
+from conftest import ASSETS, BPE_DIR, CAPTIONS, make_collection, require_module
+from onepeace.index import IndexConfig, IndexStore, QueryPart, SearchIndex, build_index, embed_query
+from onepeace.index.build import KILL_ENV, rank_of
+from onepeace.index.search import parse_weights
+from onepeace.index.store import choose_faiss
 
 N_FILES, N_ITEMS = 15, 17  # make_collection: 9 images (1 corrupt) + 4 audio + 2 text files; 8 + 4 + 5 items
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _faiss():
+    require_module("faiss", "serve")
 
 
 @pytest.fixture(scope="module")

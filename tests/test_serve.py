@@ -10,16 +10,19 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("faiss", reason="the serve extra: pip install 'onepeace[serve]'")
-
-import onepeace  # noqa: E402
-from conftest import ASSETS, BPE_DIR, CAPTIONS, make_collection  # noqa: E402
-from onepeace.index import IndexConfig, SearchIndex, build_index  # noqa: E402
-from onepeace.serve import ServeConfig, make_server  # noqa: E402
-from onepeace.serve.loadtest import LoadResult, run_load  # noqa: E402
+import onepeace
+from conftest import ASSETS, BPE_DIR, CAPTIONS, make_collection, require_module
+from onepeace.index import IndexConfig, SearchIndex, build_index
+from onepeace.serve import ServeConfig, make_server
+from onepeace.serve.loadtest import LoadResult, run_load
 
 CHROMIUM = os.environ.get("ONEPEACE_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("ONEPEACE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "runs" / "test-artifacts"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _faiss():
+    require_module("faiss", "serve")
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +148,7 @@ def test_malformed_http(server):
 
 def test_web_page_in_headless_chromium(server):
     """Type a text and search; upload an audio file and search; a bad upload shows its error."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser-test extra: pip install playwright")
+    sync_api = require_module("playwright.sync_api", "browser-test")
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (or set ONEPEACE_CHROMIUM)")
     url, root = server
@@ -196,3 +199,39 @@ def test_loopback_load(server):
     print(result.line())
     assert result.errors == 0, result.first_error
     assert result.requests >= 8 and result.rps > 0 and result.p99_ms >= result.p50_ms
+
+
+def test_serve_without_index_uses_the_demo_and_says_how_to_get_it(tmp_path, tiny_model_dir):
+    """No INDEX: the demo data (under ONEPEACE_CACHE) is indexed with the demo model on first use,
+    then served on 127.0.0.1; with no demo model the error says to run `onepeace demo`."""
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "ONEPEACE_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "onepeace", "serve", "--port", "0", "--bpe-dir", str(BPE_DIR)]
+    missing = subprocess.run(cmd + ["--model", str(tmp_path / "no-model")], capture_output=True, text=True,
+                             timeout=120, env=env)
+    assert missing.returncode == 2 and "run `onepeace demo` first" in missing.stderr
+
+    data = make_collection(tmp_path / "cache" / "demo-data" / "full")
+    (data / "manifest_info.json").write_text("{}")
+    proc = subprocess.Popen(cmd + ["--model", str(tiny_model_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # "serving INDEX (...) on http://127.0.0.1:PORT/ ..."
+        assert "on http://127.0.0.1:" in line, line + proc.stderr.read() if proc.poll() is not None else line
+        url = line.split(" on ")[1].split("/ ")[0]
+        assert str(tmp_path / "cache" / "index" / "demo-full") in line
+        deadline = time.time() + 30
+        while True:
+            try:
+                status, health, _ = call(url, "GET", "/api/health")
+                break
+            except ConnectionError:
+                assert time.time() < deadline
+                time.sleep(0.2)
+        assert status == 200 and health["items"] == 17
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
