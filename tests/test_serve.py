@@ -154,8 +154,10 @@ def test_web_page_in_headless_chromium(server):
     url, root = server
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        # a fake microphone (a beep) so that the record button runs MediaRecorder -> WAV -> upload
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900}, permissions=["microphone"])
         page.goto(url)
         sync_api.expect(page.locator("#stats")).to_contain_text("8 image, 4 audio, 5 text")
 
@@ -183,6 +185,18 @@ def test_web_page_in_headless_chromium(server):
         sync_api.expect(first).to_contain_text("photos/dog.JPEG")
         page.wait_for_function("() => [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
         page.screenshot(path=str(ARTIFACTS / "serve.png"), full_page=True)
+
+        # record from the (fake) microphone instead of the file: a WAV upload the server accepts
+        page.click("#clear")
+        page.click("#record")
+        sync_api.expect(page.locator("#record")).to_have_class("recording")
+        page.wait_for_timeout(1200)
+        page.click("#record")
+        sync_api.expect(page.locator("#audio-preview")).to_contain_text("recording.wav")
+        page.select_option("#modality", "audio")
+        page.click("#search")
+        sync_api.expect(page.locator("#status")).to_contain_text("4 results")
+        assert page.locator("#error").is_hidden()
 
         page.set_input_files("#image-file", str(root / "captions.txt"))
         page.click("#search")
