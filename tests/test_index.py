@@ -127,6 +127,10 @@ def test_ivf_above_threshold_is_recorded_and_finds_exact_items(tmp_path, model, 
     build(data, tmp_path / "idx", model, tiny_model_dir, config={"ivf_threshold": 100})
     faiss_info = IndexStore(tmp_path / "idx").info()["faiss"]["text"]
     assert faiss_info["kind"] == "ivf-flat-ip" and faiss_info["n"] == 200 and faiss_info["nlist"] >= 2
+    # the same files with the default threshold: nothing re-embedded, FAISS rebuilt exact
+    again = build(data, tmp_path / "idx", model, tiny_model_dir)
+    assert again.embedded_files == 0 and again.faiss["text"].kind == "flat-ip"
+    build(data, tmp_path / "idx", model, tiny_model_dir, config={"ivf_threshold": 100})
     index = SearchIndex(tmp_path / "idx")
     for i in (0, 77, 199):
         assert index.search(embed_query(model, [QueryPart("text", lines[i])]), k=1)[0]["text"] == lines[i]

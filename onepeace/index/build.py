@@ -177,7 +177,9 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, model, model_pa
     if rank == 0:
         if world_size == 1 or dist is not None:
             store.collect_garbage()
-        merged = info.get("merged_model_id") == mid and (store.faiss_dir.exists())
+        # up to date when built from this model with these FAISS settings (a new --ivf-threshold rebuilds)
+        wanted = {"model_id": mid, "ivf_threshold": config.ivf_threshold, "nlist": config.nlist, "nprobe": config.nprobe}
+        merged = info.get("merged") == wanted and store.faiss_dir.exists()
         if report.embedded_items or report.changed or gone or not merged or world_size > 1:
             report.faiss = store.build_faiss(mid, config.ivf_threshold, config.nlist, config.nprobe)
         else:

@@ -235,5 +235,6 @@ class IndexStore:
             faiss.write_index(index, str(tmp))
             os.replace(tmp, target)
             choices[modality] = choice
-        self.set_info(faiss={m: asdict(c) for m, c in choices.items()}, merged_model_id=model_id)
+        self.set_info(faiss={m: asdict(c) for m, c in choices.items()},
+                      merged={"model_id": model_id, "ivf_threshold": ivf_threshold, "nlist": nlist, "nprobe": nprobe})
         return choices
