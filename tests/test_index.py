@@ -58,6 +58,8 @@ def test_index_everything_report_corrupt_file_and_search(collection, tmp_path, m
         assert mid == onepeace.index.model_id(tiny_model_dir) and status == ("failed" if "broken" in path else "ok")
     assert store.counts()["items"] == {"image": 8, "audio": 4, "text": 5}
     assert store.info()["faiss"]["image"]["kind"] == "flat-ip"
+    moved = shutil.copytree(tiny_model_dir, tmp_path / "moved-model")
+    assert onepeace.index.model_id(moved) == onepeace.index.model_id(tiny_model_dir)  # moving keeps the id
 
     index = SearchIndex(tmp_path / "idx")
     # an indexed file as the query finds itself first, with cosine ~1; modality filter holds

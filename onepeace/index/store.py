@@ -54,20 +54,21 @@ def require_faiss():
 
 
 def model_id(path: str | os.PathLike) -> str:
-    """A short content id of a model file or folder: its name + a hash of each file's name, size and
-    first/last MiB (cheap for a multi-GB checkpoint, and changes when the weights are replaced)."""
+    """A short content id of a model file or folder: a hash of each file's size and first/last MiB
+    (cheap for a multi-GB checkpoint; changes when the weights are replaced, not when the model is
+    moved or renamed, so a moved model does not re-embed a collection)."""
     p = Path(path)
     files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
     h = hashlib.sha1()
     for f in files:
         size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
+        h.update(f"{f.suffix}:{size}".encode())
         with open(f, "rb") as fh:
             h.update(fh.read(1 << 20))
             if size > 2 << 20:
                 fh.seek(-(1 << 20), os.SEEK_END)
                 h.update(fh.read())
-    return f"{p.name}-{h.hexdigest()[:12]}"
+    return f"sha1-{h.hexdigest()[:12]}"
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
