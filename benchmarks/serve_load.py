@@ -26,6 +26,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--modality", default="image", help="target modality of the queries ('' for all)")
+    ap.add_argument("--torch-threads", type=int, default=1, help="as `onepeace serve --torch-threads` (in-process server)")
     ap.add_argument("--audio", default=None, help="also send this audio file as an upload in every 4th query")
     args = ap.parse_args()
     if not args.index and not args.url:
@@ -36,10 +37,14 @@ def main() -> int:
     server = None
     url = args.url
     if url is None:
+        import torch
+
         import onepeace
         from onepeace.index import SearchIndex
         from onepeace.serve import ServeConfig, make_server
 
+        if args.torch_threads > 0:
+            torch.set_num_threads(args.torch_threads)
         index = SearchIndex(args.index)
         server = make_server(index, onepeace.load(index.info["model"]), ServeConfig(port=0))
         threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -146,7 +146,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import ServeConfig, serve
 
-    config = ServeConfig(host=args.host, port=args.port, max_upload_bytes=args.max_upload_mb * 1024 * 1024)
+    config = ServeConfig(host=args.host, port=args.port, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+                         torch_threads=args.torch_threads, log_requests=args.log_requests)
     return serve(args.index, model_path=args.model, config=config, device=args.device, bpe_dir=args.bpe_dir)
 
 
@@ -388,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=int, default=10, help="largest accepted upload (default 10 MB)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads for the model (default 1: lowest latency for small models on shared CPUs; "
+                        "0 = torch's default)")
+    p.add_argument("--log-requests", action="store_true", help="log every request to stderr")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bpe-dir", default=None)
     p.set_defaults(func=cmd_serve)

@@ -49,6 +49,10 @@ class ServeConfig:
     max_k: int = 100
     thumb_size: int = 256
     log_requests: bool = False
+    # torch threads for the model (requests embed one at a time under a lock). 1 by default: with the
+    # demo model on a busy 2-core machine, 2 OpenMP threads gave p50 ~60-700 ms per text query,
+    # 1 thread 4 ms (benchmarks/serve_load.py). 0 = torch's default (worth it for big models on idle cores)
+    torch_threads: int = 1
 
 
 # first bytes -> (kind, extension); the extension tells the decoder what to expect
@@ -225,6 +229,9 @@ def make_handler(service: SearchService):
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: clients reuse their connection
+        # headers and body go out in two writes; with Nagle on, the body waits for the client's
+        # delayed ACK of the headers (~40 ms per request on loopback)
+        disable_nagle_algorithm = True
         server_version = "onepeace"
 
         def log_message(self, format: str, *args: Any) -> None:
@@ -358,6 +365,10 @@ def serve(index_path: str | os.PathLike | None = None, model_path: str | os.Path
     model = onepeace.load(model_path or index.info["model"], device=device)
     if bpe_dir:
         model.tokenizer = onepeace.get_tokenizer(bpe_dir)
+    if config.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
     server = make_server(index, model, config)
     host, port = server.server_address[:2]
     stats = index.stats()
