@@ -326,10 +326,14 @@ def make_handler(service: SearchService):
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # listen backlog (socketserver's default 5 refuses bursts of new clients)
+
+
 def make_server(index: SearchIndex, model, config: ServeConfig = ServeConfig()) -> ThreadingHTTPServer:
     """A ready (bound, not yet serving) server; port 0 picks a free port (server.server_address)."""
-    server = ThreadingHTTPServer((config.host, config.port), make_handler(SearchService(index, model, config)))
-    server.daemon_threads = True
+    server = _Server((config.host, config.port), make_handler(SearchService(index, model, config)))
     return server
 
 
