@@ -1,4 +1,4 @@
-"""The `onepeace` command line: embed, convert, info."""
+"""The `onepeace` command line: embed, index, search, serve, convert, info, train, demo, eval."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +9,10 @@ from typing import Sequence
 
 import torch
 
+from .data.files import find_inputs, text_items
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-TEXT_EXTENSIONS = frozenset({".txt"})
 
 
 def _dtype(name: str) -> torch.dtype | None:
@@ -34,73 +35,36 @@ def _load_model(args: argparse.Namespace):
                          allow_unsafe_pickle=getattr(args, "allow_unsafe_pickle", False))
 
 
+def _set_bpe_dir(model, bpe_dir: str | None) -> None:
+    if bpe_dir:
+        from .tokenizer import get_tokenizer
+
+        model.tokenizer = get_tokenizer(bpe_dir)
+
+
 # ------------------------------------------------------------------------------------------ embed
-def find_inputs(paths: Sequence[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Files and folders -> ([(modality, path)], [(path, problem)]). Folders are walked recursively,
-    in sorted order; their files of unknown type are ignored, explicitly named ones are reported."""
-    from .data.audio import AUDIO_EXTENSIONS
-    from .data.image import IMAGE_EXTENSIONS
-
-    def modality_of(p: Path) -> str | None:
-        ext = p.suffix.lower()
-        if ext in IMAGE_EXTENSIONS:
-            return "image"
-        if ext in AUDIO_EXTENSIONS:
-            return "audio"
-        if ext in TEXT_EXTENSIONS:
-            return "text"
-        return None
-
-    found, problems = [], []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            for f in sorted(q for q in p.rglob("*") if q.is_file()):
-                m = modality_of(f)
-                if m is not None:
-                    found.append((m, str(f)))
-        elif p.exists():
-            m = modality_of(p)
-            if m is None:
-                problems.append((str(p), f"unknown file type {p.suffix!r}"))
-            else:
-                found.append((m, str(p)))
-        else:
-            problems.append((str(p), "no such file or folder"))
-    return found, problems
-
-
-def _text_items(path: str) -> list[tuple[str, str]]:
-    """A .txt file: one text per non-empty line, named path:line."""
-    with open(path, encoding="utf-8") as f:
-        return [(f"{path}:{n}", line.strip()) for n, line in enumerate(f, 1) if line.strip()]
-
-
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from . import inference
+    from .inference import embed_entries
 
     items, failed = find_inputs(args.inputs)
     texts = [(f"--text[{i}]", t) for i, t in enumerate(args.text or [])]
     for modality, path in [x for x in items if x[0] == "text"]:
         try:
-            texts += _text_items(path)
-        except (OSError, UnicodeDecodeError) as e:
+            texts += text_items(path)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
             failed.append((path, f"cannot read text file: {e}"))
     items = [x for x in items if x[0] != "text"]
     if not items and not texts:
-        print("nothing to embed: no image, audio or .txt files found and no --text given", file=sys.stderr)
+        print("nothing to embed: no image, audio, .txt or .jsonl files found and no --text given", file=sys.stderr)
         for path, why in failed:
             print(f"  skipped {path}: {why}", file=sys.stderr)
         return 2
 
     model = _load_model(args)
-    if args.bpe_dir:
-        from .tokenizer import get_tokenizer
-
-        model.tokenizer = get_tokenizer(args.bpe_dir)
+    _set_bpe_dir(model, args.bpe_dir)
     names: list[str] = []
     modalities: list[str] = []
     chunks: list[torch.Tensor] = []
@@ -115,44 +79,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     total = sum(len(v) for _, v in plans)
     bar = tqdm(total=total, unit="item", desc="embedding", disable=args.quiet)
     for modality, entries in plans:
-        if not entries:
-            continue
-        if modality not in model.adapters:
-            for name, _ in entries:
-                report(name, f"the model has no {modality} branch")
-            bar.update(len(entries))
-            continue
-        try:
-            prepare = {"image": lambda: inference.image_transform(model),
-                       "audio": lambda: inference.audio_transform(model),
-                       "text": lambda: model.tokenizer.encode}[modality]()
-            embed = {"image": inference.embed_image_tensors, "audio": inference.embed_waveforms,
-                     "text": inference.embed_token_ids}[modality]
-        except (FileNotFoundError, ValueError) as e:  # e.g. no tokenizer files
-            for name, _ in entries:
-                report(name, str(e))
-            bar.update(len(entries))
-            continue
-        batch = args.batch_size or {"image": 32, "audio": 8, "text": 64}[modality]
-        for start in range(0, len(entries), batch):
-            ok_names, prepared = [], []
-            for name, source in entries[start:start + batch]:
-                try:
-                    prepared.append(prepare(source))
-                    ok_names.append(name)
-                except (ValueError, OSError) as e:  # InputError is a ValueError and names the input
-                    report(name, str(e))
-            if prepared:
-                try:
-                    emb = embed(model, prepared, batch_size=batch)
-                except ValueError as e:  # e.g. token ids outside a toy model's vocabulary
-                    for name in ok_names:
-                        report(name, str(e))
-                else:
-                    chunks.append(emb.cpu())
-                    names += ok_names
-                    modalities += [modality] * len(ok_names)
-            bar.update(len(entries[start:start + batch]))
+        if entries:
+            ok, emb = embed_entries(model, modality, entries, report, args.batch_size, bar.update)
+            chunks.append(emb)
+            names += ok
+            modalities += [modality] * len(ok)
     bar.close()
 
     out = Path(args.out)
@@ -166,6 +97,58 @@ def cmd_embed(args: argparse.Namespace) -> int:
     print(f"wrote {out}: {len(names)} embeddings of dim {dim} "
           f"({', '.join(f'{n} {m}' for m, n in counts.items()) or 'none'}); {len(failed)} skipped")
     return 0 if names else 1
+
+
+# ------------------------------------------------------------------------------------------ index / search / serve
+def cmd_index(args: argparse.Namespace) -> int:
+    from .index import IndexConfig, build_index
+
+    config = IndexConfig(chunk_files=args.chunk_files, batch_size=args.batch_size, ivf_threshold=args.ivf_threshold,
+                         nlist=args.nlist, nprobe=args.nprobe)
+    model = _load_model(args)
+    _set_bpe_dir(model, args.bpe_dir)
+    report = build_index(args.folder, args.out, model, args.model, config, rank=args.rank, world_size=args.world_size,
+                         progress=not args.quiet)
+    print(f"{args.out}: {report.summary()}")
+    for path, why in report.failed:
+        print(f"  failed {path}: {why}")
+    return 0
+
+
+def _query_parts(args: argparse.Namespace):
+    from .index import QueryPart, parse_weights
+
+    raw = ([("text", t) for t in args.text or []] + [("image", p) for p in args.image or []]
+           + [("audio", p) for p in args.audio or []])
+    weights = parse_weights(args.weights, raw)
+    return [QueryPart(m, v, w, name=f"--{m} {v!r}") for (m, v), w in zip(raw, weights)]
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .index import SearchIndex, embed_query, format_table
+
+    parts = _query_parts(args)
+    if not parts:
+        raise ValueError("give at least one --text, --image or --audio")
+    index = SearchIndex(args.index)
+    args.model = args.model or index.info["model"]
+    model = _load_model(args)
+    _set_bpe_dir(model, args.bpe_dir)
+    hits = index.search(embed_query(model, parts), k=args.k, modality=args.modality)
+    if args.json:
+        print(json.dumps({"query": [{"modality": p.modality, "value": str(p.value), "weight": p.weight} for p in parts],
+                          "modality": args.modality, "results": hits}, indent=2))
+    else:
+        print(format_table(hits, index.info.get("root")))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, serve
+
+    config = ServeConfig(host=args.host, port=args.port, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+                         torch_threads=args.torch_threads, log_requests=args.log_requests)
+    return serve(args.index, model_path=args.model, config=config, device=args.device, bpe_dir=args.bpe_dir)
 
 
 # ------------------------------------------------------------------------------------------ convert
@@ -258,10 +241,7 @@ def cmd_ground(args: argparse.Namespace) -> int:
     from .data.image import load_image
 
     model = _load_model(args)
-    if args.bpe_dir:
-        from .tokenizer import get_tokenizer
-
-        model.tokenizer = get_tokenizer(args.bpe_dir)
+    _set_bpe_dir(model, args.bpe_dir)
     if model.head_type != "vl" or model.config.classify_head.num_classes != 4:
         raise ValueError(f"{args.model} is not a grounding checkpoint (needs a 'vl' head with 4 outputs; "
                          f"head: {model.head_type})")
@@ -334,10 +314,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.zero_shot import evaluate, load_concepts
 
     model = _load_model(args)
-    if args.bpe_dir:
-        from .tokenizer import get_tokenizer
-
-        model.tokenizer = get_tokenizer(args.bpe_dir)
+    _set_bpe_dir(model, args.bpe_dir)
     result = evaluate(model, args.manifests, concepts=load_concepts(args.concepts), progress=not args.quiet)
     for kind, top1 in result["zero_shot"].items():
         print(f"zero-shot {kind:<6} top-1 {top1:.3f}  ({result['counts'][kind]} items, {len(result['classes'])} classes)")
@@ -365,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unpickle with torch's full unpickler (runs code from the file: trusted files only)")
 
     p = sub.add_parser("embed", help="embed image/audio files, folders and texts into an .npz")
-    p.add_argument("inputs", nargs="*", help="files or folders (modality from the extension; .txt: one text per line)")
+    p.add_argument("inputs", nargs="*", help="files or folders (modality from the extension; .txt/.jsonl: one text per line)")
     p.add_argument("--text", "-t", action="append", help="a text to embed (repeatable)")
     p.add_argument("--out", "-o", default="embeddings.npz")
     p.add_argument("--batch-size", type=int, default=None)
@@ -373,6 +350,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     model_options(p)
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("index", help="embed every image, audio and text file under a folder into a searchable index")
+    p.add_argument("folder", help="folder to index recursively (images, audio, .txt/.jsonl lines as texts)")
+    p.add_argument("--out", "-o", required=True, help="index folder (created; rerun to resume or update)")
+    p.add_argument("--chunk-files", type=int, default=256, help="files per committed shard (default 256)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--ivf-threshold", type=int, default=50_000,
+                   help="per modality: above this many vectors use an IVF index instead of exact search")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(n))")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default nlist/8, >= 8)")
+    p.add_argument("--rank", type=int, default=None, help="this process's share (default: torchrun's RANK, else 0)")
+    p.add_argument("--world-size", type=int, default=None, help="number of shares (default: WORLD_SIZE, else 1)")
+    p.add_argument("--bpe-dir", default=None)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    model_options(p)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="search an index with text, image and audio queries (weighted, composed)")
+    p.add_argument("index")
+    p.add_argument("--text", "-t", action="append", help="a text query part (repeatable)")
+    p.add_argument("--image", "-i", action="append", help="an image file query part (repeatable)")
+    p.add_argument("--audio", "-a", action="append", help="an audio file query part (repeatable)")
+    p.add_argument("--weights", "-w", nargs="+", default=None,
+                   help="one number per part (texts, images, audios in that order) or modality=number")
+    p.add_argument("--modality", choices=["image", "audio", "text"], default=None, help="only results of this modality")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="JSON output instead of a table")
+    p.add_argument("--model", "-m", default=None, help="default: the model the index was built with")
+    p.add_argument("--bpe-dir", default=None)
+    model_options(p, model_flag=False)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("serve", help="HTTP JSON API + web page to search an index (default: the demo model and data)")
+    p.add_argument("index", nargs="?", default=None,
+                   help="index folder (default: index the demo data with runs/demo/model on first use)")
+    p.add_argument("--model", "-m", default=None, help="default: the index's model (runs/demo/model for the demo)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=int, default=10, help="largest accepted upload (default 10 MB)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads for the model (default 1: lowest latency for small models on shared CPUs; "
+                        "0 = torch's default)")
+    p.add_argument("--log-requests", action="store_true", help="log every request to stderr")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bpe-dir", default=None)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="released .pt -> config.json + model.safetensors")
     p.add_argument("checkpoint")
@@ -436,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"onepeace {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -6,7 +6,7 @@ items one by one, skip the bad ones, and embed the rest.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -166,3 +166,53 @@ def audio_window_starts(n_samples: int, window: int, hop: int) -> list[int]:
     if starts[-1] + window < n_samples:
         starts.append(n_samples - window)
     return starts
+
+
+# ---- batch jobs: many named items of one modality, bad ones reported and skipped ----
+DEFAULT_BATCH = {"image": 32, "audio": 8, "text": 64}
+
+
+def embed_entries(model, modality: str, entries: Sequence[tuple[str, Any]], on_error: Callable[[str, str], None],
+                  batch_size: int | None = None, on_progress: Callable[[int], None] | None = None
+                  ) -> tuple[list[str], torch.Tensor]:
+    """[(name, source)] of one modality (a path or PIL image / (wave, rate) / token-free text) ->
+    (names embedded, (n, D) float32 CPU embeddings in that order). An item that cannot be read or
+    embedded is passed to `on_error(name, why)` and skipped; `on_progress(k)` after each k items."""
+    dim = model.config.encoder.embed_dim
+    names: list[str] = []
+    chunks: list[torch.Tensor] = [torch.zeros(0, dim)]
+    progress = on_progress or (lambda k: None)
+    if modality not in model.adapters:
+        for name, _ in entries:
+            on_error(name, f"the model has no {modality} branch")
+        progress(len(entries))
+        return names, chunks[0]
+    try:
+        prepare = {"image": lambda: image_transform(model), "audio": lambda: audio_transform(model),
+                   "text": lambda: model.tokenizer.encode}[modality]()
+    except (FileNotFoundError, ValueError) as e:  # e.g. no tokenizer files
+        for name, _ in entries:
+            on_error(name, str(e))
+        progress(len(entries))
+        return names, chunks[0]
+    embed = {"image": embed_image_tensors, "audio": embed_waveforms, "text": embed_token_ids}[modality]
+    batch = batch_size or DEFAULT_BATCH[modality]
+    for start in range(0, len(entries), batch):
+        ok_names, prepared = [], []
+        for name, source in entries[start:start + batch]:
+            try:
+                prepared.append(prepare(source))
+                ok_names.append(name)
+            except (ValueError, OSError) as e:  # InputError is a ValueError and names the input
+                on_error(name, str(e))
+        if prepared:
+            try:
+                emb = embed(model, prepared, batch_size=batch)
+            except ValueError as e:  # e.g. token ids outside a toy model's vocabulary
+                for name in ok_names:
+                    on_error(name, str(e))
+            else:
+                chunks.append(emb.float().cpu())
+                names += ok_names
+        progress(len(entries[start:start + batch]))
+    return names, torch.cat(chunks)

@@ -2,6 +2,7 @@
 that need it fail with a clear message when it is missing (CI always has it)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -53,3 +54,55 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor, padding_mask: to
     if padding_mask is not None:
         actual, expected = actual[~padding_mask], expected[~padding_mask]
     return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """random_tiny_model() saved as a converted folder (what `onepeace index --model` takes)."""
+    from onepeace.checkpoint import save_converted
+
+    return save_converted(random_tiny_model(), tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+CAPTIONS = ["a photo of a dog", "an elephant in the grass", "a cow says moo", "the number seven", "a red square"]
+
+
+def make_collection(root: Path) -> Path:
+    """A small mixed folder to index: 2 photos + 6 drawn PNGs, 2 spoken-word FLACs + 2 tones, a
+    captions .txt, a manifest .jsonl (text and audio-only lines), a corrupt .jpg and a note (ignored)."""
+    import shutil
+
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image, ImageDraw
+
+    (root / "photos").mkdir(parents=True)
+    (root / "drawings" / "nested").mkdir(parents=True)
+    (root / "sounds").mkdir()
+    for name in ("dog.JPEG", "elephant.JPEG"):
+        shutil.copy(require(ASSETS / name), root / "photos" / name)
+    for i in range(6):
+        img = Image.new("RGB", (48, 48), (20 * i, 200 - 30 * i, 90))
+        ImageDraw.Draw(img).ellipse([4 + 3 * i, 6, 40, 30 + 2 * i], fill=(255, 255 - 40 * i, 40 * i))
+        img.save(root / "drawings" / ("nested" if i % 2 else "") / f"shape{i}.png")
+    for name in ("cow.flac", "dog.flac"):
+        shutil.copy(require(ASSETS / name), root / "sounds" / name)
+    t = np.arange(16000) / 16000
+    for f in (220, 660):
+        sf.write(root / "sounds" / f"tone{f}.wav", 0.3 * np.sin(2 * np.pi * f * t), 16000)
+    (root / "captions.txt").write_text("\n".join(CAPTIONS[:3]) + "\n\n")
+    (root / "manifest.jsonl").write_text("\n".join(json.dumps(x) for x in [
+        {"image": "x.png", "text": CAPTIONS[3]}, {"audio": "y.wav"}, {"caption": CAPTIONS[4]}]) + "\n")
+    (root / "photos" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 10)
+    (root / "notes.md").write_text("not indexed")
+    return root
+
+
+def require_module(name: str, extra: str):
+    """Import an optional dependency, or fail the test saying which extra installs it (CI has all)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        pytest.fail(f"{name} is not installed: pip install -e '.[{extra}]' (.ci/run installs it)", pytrace=False)

@@ -1,0 +1,201 @@
+"""`onepeace index`: embed every image, audio and text file under a folder into an index folder.
+
+Resumable and incremental: files are embedded in chunks, each chunk's shard written atomically and
+its files recorded in SQLite in one transaction; a rerun skips files recorded with the same size,
+mtime and model id, re-embeds changed ones and drops deleted ones, then rebuilds the FAISS indexes.
+
+Several processes: under torchrun (RANK / WORLD_SIZE) each rank embeds the files whose path hashes
+to it (a stable split, so a rerun with any progress gives every rank the same files), writes its own
+shards, and rank 0 merges (builds the FAISS indexes) after a barrier. Without torchrun,
+`rank`/`world_size` can be given explicitly (e.g. a job array); rank 0 then merges whatever is done,
+and a final plain run embeds any remainder and merges.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..data.files import find_inputs, text_items
+from .store import MODALITIES, IndexStore, model_id as compute_model_id
+
+KILL_ENV = "ONEPEACE_INDEX_KILL_AFTER_CHUNKS"  # tests: die like a killed job after this many chunks
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    chunk_files: int = 256  # files per shard / per commit: the work a killed run can lose
+    batch_size: int | None = None  # per-modality default of onepeace.inference.DEFAULT_BATCH
+    ivf_threshold: int = 50_000  # per modality: more vectors than this -> an IVF index instead of exact search
+    nlist: int | None = None  # IVF lists (default ~4 sqrt(n))
+    nprobe: int | None = None  # IVF lists searched per query (default nlist / 8, at least 8)
+
+
+@dataclass
+class IndexReport:
+    scanned: int = 0  # files found under the root (this rank's share)
+    unchanged: int = 0  # skipped: already embedded with the same size, mtime and model
+    embedded_files: int = 0
+    embedded_items: int = 0
+    changed: int = 0  # of the embedded files: ones that were indexed before with other contents or model
+    removed: int = 0  # deleted from the root since the last run
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    chunks: int = 0
+    faiss: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{m}: {c.kind} ({c.n}" + (f", nlist={c.nlist}, nprobe={c.nprobe}" if c.nlist else "") + ")"
+                          for m, c in self.faiss.items())
+        return (f"{self.scanned} files: {self.unchanged} unchanged (skipped), {self.embedded_files} embedded "
+                f"({self.embedded_items} items, {self.changed} of them changed), {len(self.failed)} failed, "
+                f"{self.removed} removed; {self.chunks} chunks in {self.seconds:.1f} s"
+                + (f"; FAISS {kinds}" if kinds else ""))
+
+
+def rank_of(path: str, world_size: int) -> int:
+    """The rank that embeds `path`: a stable hash, independent of what is already done."""
+    return zlib.crc32(path.encode()) % world_size
+
+
+def _dist_env() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def build_index(root: str | os.PathLike, out: str | os.PathLike, model, model_path: str | os.PathLike,
+                config: IndexConfig = IndexConfig(), rank: int | None = None, world_size: int | None = None,
+                progress: bool = True, log: Callable[[str], None] | None = None) -> IndexReport:
+    """Index every image, audio, .txt and .jsonl file under `root` into the folder `out` (see the
+    module docstring). `model` is the loaded model, `model_path` where it came from (recorded, and
+    hashed into the model id). Bad files are reported through `log` and recorded as failed."""
+    from tqdm import tqdm
+
+    from ..inference import embed_entries
+
+    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    t0 = time.perf_counter()
+    env_rank, env_world = _dist_env()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    dist = _init_distributed() if world_size > 1 and rank == env_rank and "MASTER_ADDR" in os.environ else None
+
+    root_path = Path(root).resolve()
+    if not root_path.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder to index")
+    store = IndexStore(out, create=True)
+    mid = compute_model_id(model_path)
+    dim = model.config.encoder.embed_dim
+    info = store.info()
+    if "root" in info and info["root"] != str(root_path):
+        raise ValueError(f"{out} indexes {info['root']}, not {root_path}; pass that folder or another --out")
+    if rank == 0:
+        store.set_info(root=str(root_path), model=str(Path(model_path).resolve()), model_id=mid, dim=dim,
+                       modalities=list(model.modalities), config=config.__dict__)
+    store.collect_garbage(prefix=f"r{rank:03d}-")  # shards of this rank that a killed run left uncommitted
+
+    # ---- plan: what this rank must embed and remove ----
+    found, problems = find_inputs([str(root_path)])
+    found = [(m, p) for m, p in found if world_size == 1 or rank_of(p, world_size) == rank]
+    known = {p: v for p, v in store.files().items() if world_size == 1 or rank_of(p, world_size) == rank}
+    report = IndexReport(scanned=len(found))
+    todo: list[tuple[str, str, int, int]] = []  # (modality, path, size, mtime_ns)
+    for modality, path in found:
+        st = os.stat(path)
+        old = known.get(path)
+        if old is not None and old[:3] == (st.st_size, st.st_mtime_ns, mid) and old[3] == "ok":
+            report.unchanged += 1
+            continue
+        report.changed += old is not None and old[3] == "ok"
+        todo.append((modality, path, st.st_size, st.st_mtime_ns))
+    gone = sorted(set(known) - {p for _, p in found})
+    if gone:
+        store.remove_files(gone)
+        report.removed = len(gone)
+
+    # ---- embed, one committed shard per chunk ----
+    kill_after = int(os.environ.get(KILL_ENV, "0"))
+    bar = tqdm(total=len(todo), unit="file", desc=f"indexing (rank {rank})" if world_size > 1 else "indexing",
+               disable=not progress, position=rank if world_size > 1 else None)
+    for start in range(0, len(todo), config.chunk_files):
+        chunk = todo[start:start + config.chunk_files]
+        errors: dict[str, str] = {}
+
+        def on_error(name: str, why: str) -> None:
+            path = name.rsplit(":", 1)[0] if name not in paths else name
+            errors.setdefault(path, why)
+            log(f"skipped {name}: {why}")
+
+        paths = {p for _, p, _, _ in chunk}
+        entries: dict[str, list[tuple[str, object]]] = {m: [] for m in MODALITIES}
+        file_of: dict[str, str] = {}  # item name -> file
+        texts: dict[str, str] = {}
+        for modality, path, _, _ in chunk:
+            if modality == "text":
+                try:
+                    lines = text_items(path)
+                except (OSError, UnicodeDecodeError, ValueError) as e:
+                    on_error(path, f"cannot read text file: {e}")
+                    continue
+                entries["text"] += lines
+                texts.update(lines)
+                file_of.update((name, path) for name, _ in lines)
+            else:
+                entries[modality].append((path, path))
+                file_of[path] = path
+        vectors, items = [], []
+        for modality in MODALITIES:
+            if entries[modality]:
+                names, emb = embed_entries(model, modality, entries[modality], on_error, config.batch_size)
+                vectors.append(emb.numpy())
+                items += [(file_of[n], n, modality, texts.get(n)) for n in names]
+        # a file fails when it gave no item and had an error (a text file with some bad lines is kept)
+        with_items = {it[0] for it in items}
+        files = [(p, m, size, mtime, mid, "failed" if p in errors and p not in with_items else "ok",
+                  errors.get(p)) for m, p, size, mtime in chunk]
+        store.commit_chunk(np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32), items, files, rank)
+        report.chunks += 1
+        report.embedded_items += len(items)
+        report.embedded_files += sum(f[5] == "ok" for f in files)
+        report.failed += [(p, errors[p]) for p, *_, status, _ in files if status == "failed"]
+        bar.update(len(chunk))
+        if kill_after and report.chunks >= kill_after:
+            bar.close()
+            os._exit(137)  # like SIGKILL: no cleanup, no final merge
+    bar.close()
+
+    # ---- merge: rank 0 builds the FAISS indexes once every rank is done ----
+    if dist is not None:
+        dist.barrier()
+    if rank == 0:
+        if world_size == 1 or dist is not None:
+            store.collect_garbage()
+        # up to date when built from this model with these FAISS settings (a new --ivf-threshold rebuilds)
+        wanted = {"model_id": mid, "ivf_threshold": config.ivf_threshold, "nlist": config.nlist, "nprobe": config.nprobe}
+        merged = info.get("merged") == wanted and store.faiss_dir.exists()
+        if report.embedded_items or report.changed or gone or not merged or world_size > 1:
+            report.faiss = store.build_faiss(mid, config.ivf_threshold, config.nlist, config.nprobe)
+        else:
+            from .store import FaissChoice
+
+            report.faiss = {m: FaissChoice(**c) for m, c in info.get("faiss", {}).items()}
+    if dist is not None:
+        dist.barrier()
+    store.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _init_distributed():
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist

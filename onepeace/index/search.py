@@ -1,0 +1,146 @@
+"""Composed queries over an index: a weighted sum of normalised embeddings, renormalised, searched
+in the FAISS index of each target modality."""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .store import MODALITIES, IndexStore, require_faiss
+
+
+@dataclass(frozen=True)
+class QueryPart:
+    """One piece of a query: a text, or an image / audio (a path, PIL image, or (wave, rate))."""
+
+    modality: str
+    value: Any
+    weight: float = 1.0
+    name: str = ""  # for error messages, e.g. the file name or "text[0]"
+
+
+def parse_weights(raw: Sequence[str] | None, parts: Sequence[tuple[str, Any]]) -> list[float]:
+    """--weights values -> one weight per part. Either positional numbers, one per part in the order
+    texts, images, audios; or modality=number (applied to every part of that modality)."""
+    if not raw:
+        return [1.0] * len(parts)
+    try:
+        if all("=" in w for w in raw):
+            by = {}
+            for w in raw:
+                k, v = w.split("=", 1)
+                if k not in MODALITIES:
+                    raise ValueError(f"unknown modality {k!r} in --weights {w!r} (use text, image or audio)")
+                by[k] = float(v)
+            return [by.get(m, 1.0) for m, _ in parts]
+        values = [float(w) for w in raw]
+    except ValueError as e:
+        if "modality" in str(e):
+            raise
+        raise ValueError(f"--weights: expected numbers or modality=number, got {' '.join(raw)}") from None
+    if len(values) != len(parts):
+        raise ValueError(f"--weights: {len(values)} weights for {len(parts)} query parts "
+                         "(give one per --text/--image/--audio, in that order, or modality=number)")
+    return values
+
+
+def embed_query(model, parts: Sequence[QueryPart]) -> np.ndarray:
+    """(D,) float32: sum_i w_i e_i / |sum_i w_i e_i| where e_i is part i's L2-normalised embedding.
+    Raises ValueError naming the part that cannot be read, or when the weights cancel out."""
+    from ..data.image import InputError
+
+    if not parts:
+        raise ValueError("empty query: give at least one text, image or audio")
+    total = None
+    for i, part in enumerate(parts):
+        if not np.isfinite(part.weight):
+            raise ValueError(f"query part {part.name or i}: weight must be a finite number, got {part.weight}")
+        encode = {"text": model.encode_text, "image": model.encode_image, "audio": model.encode_audio}.get(part.modality)
+        if encode is None:
+            raise ValueError(f"query part {part.name or i}: unknown modality {part.modality!r}")
+        if part.modality not in model.adapters:
+            raise ValueError(f"query part {part.name or i}: the model has no {part.modality} branch")
+        try:
+            e = encode([part.value])[0].float().cpu().numpy()  # (D,), unit norm
+        except InputError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"query part {part.name or i}: {exc}") from exc
+        total = part.weight * e if total is None else total + part.weight * e
+    norm = float(np.linalg.norm(total))
+    if norm < 1e-6:
+        raise ValueError("the query's weighted parts cancel out (zero vector); change the weights")
+    return (total / norm).astype(np.float32)
+
+
+class SearchIndex:
+    """A built index opened for search (thread-safe: FAISS searches are read-only)."""
+
+    def __init__(self, path: str | os.PathLike):
+        faiss = require_faiss()
+        self.path = Path(path)
+        self.store = IndexStore(path)
+        self.info = self.store.info()
+        self.indexes = {}
+        for m in MODALITIES:
+            f = self.store.faiss_dir / f"{m}.faiss"
+            if f.exists():
+                self.indexes[m] = faiss.read_index(str(f))
+        if not self.indexes:
+            raise ValueError(f"{path} has no FAISS index yet: finish `onepeace index` first (nothing indexed, "
+                             "or the run was interrupted before the merge)")
+        self._paths: set[str] | None = None
+        self._paths_lock = threading.Lock()
+
+    @property
+    def dim(self) -> int:
+        return int(self.info["dim"])
+
+    def search(self, vector: np.ndarray, k: int = 10, modality: str | None = None) -> list[dict[str, Any]]:
+        """Top-k items by inner product with `vector` (D,), among `modality` (or all), best first."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if modality is not None and modality not in MODALITIES:
+            raise ValueError(f"unknown target modality {modality!r}; choose from {', '.join(MODALITIES)}")
+        targets = [modality] if modality else list(self.indexes)
+        q = np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query dimension {q.shape[1]} != index dimension {self.dim} (another model?)")
+        hits: list[tuple[float, int]] = []
+        for m in targets:
+            if m in self.indexes:
+                scores, ids = self.indexes[m].search(q, k)  # (1, k) each; id -1 where fewer than k
+                hits += [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+        hits = sorted(hits, key=lambda h: -h[0])[:k]
+        rows = self.store.item_rows([i for _, i in hits])
+        return [{"rank": r, "score": s, **rows[i]} for r, (s, i) in enumerate(hits, 1) if i in rows]
+
+    def stats(self) -> dict[str, Any]:
+        counts = self.store.counts()
+        return {"index": str(self.path), "root": self.info.get("root"), "model": self.info.get("model"),
+                "model_id": self.info.get("model_id"), "dim": self.info.get("dim"),
+                "faiss": self.info.get("faiss", {}), **counts,
+                "searchable": {m: int(ix.ntotal) for m, ix in self.indexes.items()}}
+
+    def item(self, item_id: int) -> dict[str, Any] | None:
+        return self.store.item_rows([item_id]).get(item_id)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def format_table(hits: Sequence[dict[str, Any]], root: str | None = None) -> str:
+    """Hits as an aligned text table (paths relative to the index root)."""
+    lines = [f"{'rank':>4}  {'score':>6}  {'modality':<8}  item"]
+    for h in hits:
+        name = h["name"]
+        if root and name.startswith(root.rstrip("/") + "/"):
+            name = name[len(root.rstrip("/")) + 1:]
+        if h["modality"] == "text" and h.get("text"):
+            name = f"{name}  \"{h['text']}\""
+        lines.append(f"{h['rank']:>4}  {h['score']:>6.3f}  {h['modality']:<8}  {name}")
+    return "\n".join(lines)

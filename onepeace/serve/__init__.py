@@ -1,0 +1,4 @@
+"""`onepeace serve`: HTTP JSON API + web page over an index (see :mod:`onepeace.serve.server`)."""
+from .server import SearchService, ServeConfig, demo_index, make_server, serve
+
+__all__ = ["SearchService", "ServeConfig", "demo_index", "make_server", "serve"]
