@@ -131,7 +131,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not parts:
         raise ValueError("give at least one --text, --image or --audio")
     index = SearchIndex(args.index)
-    args.model = args.model or index.info["model"]
+    args.model = index.query_model_path(args.model)
     model = _load_model(args)
     _set_bpe_dir(model, args.bpe_dir)
     hits = index.search(embed_query(model, parts), k=args.k, modality=args.modality)

@@ -203,6 +203,11 @@ def test_search_command_json_and_table(collection, tmp_path, model, tiny_model_d
     assert table[1].split()[:3] == ["1", "1.000", "text"] and CAPTIONS[1] in table[1] and "captions.txt:2" in table[1]
     assert main(["search", str(tmp_path / "idx"), "--image", "nowhere.png"]) == 2
     assert "nowhere.png" in capsys.readouterr().err
+    # a model with other weights is refused: its queries are not comparable with the indexed vectors
+    other = onepeace.checkpoint.save_converted(onepeace.create_model("one-peace-tiny"), tmp_path / "other-model")
+    assert main(["search", str(tmp_path / "idx"), "--model", str(other), "--text", "a cow"]) == 2
+    err = capsys.readouterr().err
+    assert "other-model" in err and onepeace.index.model_id(tiny_model_dir) in err and "re-index" in err
 
 
 def test_library_imports_without_the_serve_extra():

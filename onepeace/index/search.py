@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .store import MODALITIES, IndexStore, require_faiss
+from .store import MODALITIES, IndexStore, model_id, require_faiss
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,19 @@ class SearchIndex:
     @property
     def dim(self) -> int:
         return int(self.info["dim"])
+
+    def query_model_path(self, model_path: str | os.PathLike | None = None) -> str:
+        """The model to embed queries with: `model_path`, or the one the index was built with. Queries
+        are only comparable with the indexed vectors if the weights are the same, so a model whose
+        content id differs from the index's is refused (naming both)."""
+        path = str(model_path or self.info["model"])
+        if not Path(path).exists():
+            raise FileNotFoundError(f"the model {path} (recorded in {self.path}) is not there; pass --model")
+        found, built = model_id(path), self.info.get("model_id")
+        if built and found != built:
+            raise ValueError(f"{path} is model {found}, but {self.path} was built with model {built} "
+                             f"({self.info.get('model')}): its vectors are not comparable; re-index with this model")
+        return path
 
     def search(self, vector: np.ndarray, k: int = 10, modality: str | None = None) -> list[dict[str, Any]]:
         """Top-k items by inner product with `vector` (D,), among `modality` (or all), best first."""

@@ -366,7 +366,7 @@ def serve(index_path: str | os.PathLike | None = None, model_path: str | os.Path
     if index_path is None:
         index_path = demo_index(Path(model_path) if model_path else DEMO_MODEL)
     index = SearchIndex(index_path)
-    model = onepeace.load(model_path or index.info["model"], device=device)
+    model = onepeace.load(index.query_model_path(model_path), device=device)
     if bpe_dir:
         model.tokenizer = onepeace.get_tokenizer(bpe_dir)
     if config.torch_threads > 0:
