@@ -23,6 +23,14 @@ def list_models() -> list[str]:
     return sorted(NAMED_CONFIGS)
 
 
+def list_modalities() -> list[str]:
+    """Names of the registered modalities (text, image, audio, the bundled ones such as video, and any
+    registered with :func:`onepeace.registry.register_modality`)."""
+    from .registry import list_modalities as _list
+
+    return _list()
+
+
 def create_model(name_or_config: str | ModelConfig, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, modalities: Sequence[str] | None = None) -> OnePeaceModel:
     """A randomly initialised model of a named size (``device="meta"`` builds it without memory)."""
@@ -73,4 +81,4 @@ def get_tokenizer(bpe_dir: str | os.PathLike | None = None, max_length: int = 70
 
 
 __all__ = ["ModelConfig", "ModelOutput", "OnePeaceModel", "create_model", "get_config", "get_tokenizer",
-           "list_models", "load"]
+           "list_modalities", "list_models", "load"]

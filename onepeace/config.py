@@ -40,7 +40,16 @@ class AdapterConfig:
     kind: ClassVar[str] = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, **_asdict(self)}
+        data = {"kind": self.kind, **_asdict(self)}
+        if type(self).__module__ != __name__:
+            # a modality defined outside this file: the JSON names the module that registers it, so
+            # a saved model loads in a fresh process without the user importing that module first
+            data["module"] = type(self).__module__
+        return data
+
+    def decoder_variant(self) -> "AdapterConfig":
+        """The adapter of the pretraining decoder for this modality (no stem, no relative bias)."""
+        raise ValueError(f"no denoising-decoder adapter is defined for modality kind {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,10 @@ class TextAdapterConfig(AdapterConfig):
     max_length: int = 70  # preprocessing: ids kept before </s> is appended
 
     kind: ClassVar[str] = "text"
+
+    def decoder_variant(self) -> "TextAdapterConfig":
+        return TextAdapterConfig(vocab_size=0, use_attn_bias=False, max_positions=self.max_positions,
+                                 max_length=self.max_length)
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,10 @@ class ImageAdapterConfig(AdapterConfig):
     @property
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
+
+    def decoder_variant(self) -> "ImageAdapterConfig":
+        return ImageAdapterConfig(vision_encoder_type="none", use_attn_bias=False, image_size=self.image_size,
+                                  bucket_size=self.bucket_size, rel_bucket_size=self.rel_bucket_size)
 
 
 @dataclass(frozen=True)
@@ -96,12 +113,38 @@ class AudioAdapterConfig(AdapterConfig):
     def feature_dim(self) -> int:
         return self.feature_encoder_spec[-1][0] if self.feature_encoder_spec else 0
 
+    def decoder_variant(self) -> "AudioAdapterConfig":
+        return AudioAdapterConfig(feature_encoder_spec=(), abs_pos_type="fixed", use_attn_bias=False, bucket_size=256)
 
+
+# modality kind -> its adapter config class; :func:`onepeace.registry.register_modality` adds entries
 ADAPTER_CONFIGS: dict[str, type[AdapterConfig]] = {
     "text": TextAdapterConfig,
     "image": ImageAdapterConfig,
     "audio": AudioAdapterConfig,
 }
+JOINT_HEAD_TYPES = ("vl", "al")  # task heads over one joint pass: text + image, text + audio
+
+
+def adapter_config_class(kind: str, module: str | None = None) -> type[AdapterConfig]:
+    """The config class of a modality kind, importing the module that registers it when needed:
+    `module` (recorded in saved configs) or a bundled ``onepeace.modalities.{kind}``."""
+    if kind not in ADAPTER_CONFIGS:
+        import importlib
+
+        for candidate in ([module] if module else []) + [f"onepeace.modalities.{kind}"]:
+            try:
+                importlib.import_module(candidate)
+            except ModuleNotFoundError as e:
+                if e.name is None or not candidate.startswith(e.name):
+                    raise  # the module exists but one of ITS imports is missing: say so
+            if kind in ADAPTER_CONFIGS:
+                break
+    try:
+        return ADAPTER_CONFIGS[kind]
+    except KeyError:
+        raise ValueError(f"unknown modality kind {kind!r}; known: {sorted(ADAPTER_CONFIGS)} "
+                         "(register it with onepeace.registry.register_modality)") from None
 
 
 @dataclass(frozen=True)
@@ -149,8 +192,17 @@ class ClassifyHeadConfig:
     use_two_images: bool = False  # NLVR2: a second joint pass with a second image, pooled vectors concatenated
 
     def __post_init__(self) -> None:
-        if self.head_type not in ("vl", "al", "text", "image", "audio"):
-            raise ValueError(f"head_type must be one of vl, al, text, image, audio; got {self.head_type!r}")
+        if self.head_type not in JOINT_HEAD_TYPES:
+            try:
+                adapter_config_class(self.head_type)
+            except ValueError:
+                raise ValueError(f"head_type must be one of {list(JOINT_HEAD_TYPES)} or a modality "
+                                 f"({sorted(ADAPTER_CONFIGS)}); got {self.head_type!r}") from None
+
+    @property
+    def input_modalities(self) -> tuple[str, ...]:
+        """The modalities of the pass that feeds the head (text first in joint passes)."""
+        return {"vl": ("text", "image"), "al": ("text", "audio")}.get(self.head_type, (self.head_type,))
 
     @property
     def pooled_modality(self) -> str:
@@ -222,10 +274,12 @@ class ModelConfig(JsonConfig):
         adapters = {}
         for name, raw in data.get("adapters", {}).items():
             raw = dict(raw)
-            kind = raw.pop("kind", name)
-            if kind not in ADAPTER_CONFIGS:
-                raise ValueError(f"unknown adapter kind {kind!r} for modality {name!r}; known: {sorted(ADAPTER_CONFIGS)}")
-            adapters[name] = _from_dict(ADAPTER_CONFIGS[kind], raw)
+            kind, module = raw.pop("kind", name), raw.pop("module", None)
+            try:
+                config_cls = adapter_config_class(kind, module)
+            except ValueError as e:
+                raise ValueError(f"modality {name!r}: {e}") from None
+            adapters[name] = _from_dict(config_cls, raw)
         return cls(
             encoder=_from_dict(EncoderConfig, data.get("encoder", {})),
             adapters=adapters,

@@ -216,3 +216,43 @@ def embed_entries(model, modality: str, entries: Sequence[tuple[str, Any]], on_e
                 names += ok_names
         progress(len(entries[start:start + batch]))
     return names, torch.cat(chunks)
+
+
+# ---- any registered modality ----
+def modality_transform(model, modality: str):
+    """The registered preprocessing of `modality` for this model: raw item -> prepared tensor."""
+    from .registry import get_modality
+
+    _require(model, modality)
+    spec = get_modality(model.config.adapters[modality].kind)
+    if spec.transform is None:
+        raise ValueError(f"modality {modality!r} registered no transform")
+    return spec.transform(model)
+
+
+@torch.inference_mode()
+def embed_prepared(model, modality: str, items: Sequence[torch.Tensor], batch_size: int = 32) -> torch.Tensor:
+    """Prepared tensors of one modality -> (N, D) embeddings in input order (the modality's own
+    embed path when it registered one, else its collate + one forward per batch)."""
+    from .registry import get_modality
+
+    _require(model, modality)
+    spec = get_modality(model.config.adapters[modality].kind)
+    if spec.embed is not None:
+        return spec.embed(model, items, batch_size)
+    if spec.collate is None:
+        raise ValueError(f"modality {modality!r} registered no collate")
+
+    def run():
+        for start in range(0, len(items), batch_size):
+            index = list(range(start, min(start + batch_size, len(items))))
+            batch = spec.collate(model, [items[i] for i in index])
+            yield index, model(**{k: v.to(model.device) for k, v in batch.items()}).embeddings[modality]
+
+    return _collect(model, len(items), run())
+
+
+def encode_items(model, modality: str, sources: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
+    """Raw items of any registered modality (e.g. video clips) -> (N, D) L2-normalised embeddings."""
+    transform = modality_transform(model, modality)
+    return embed_prepared(model, modality, [transform(s) for s in sources], batch_size)

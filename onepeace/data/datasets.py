@@ -70,7 +70,14 @@ AL_VIEWS: tuple[tuple[str, str], ...] = (
 #: The reference mask ratios (``ManifestDataset``'s default; frozen, so safe to share).
 DEFAULT_MASKING = MaskingConfig()
 
-_MEDIA_KEYS = ("image", "audio")
+_MEDIA_KEYS = ("image", "audio")  # the pretraining tasks' media (vl, al)
+
+
+def media_keys() -> tuple[str, ...]:
+    """Keys a manifest line may carry its medium under: every registered modality but text."""
+    from ..registry import list_modalities
+
+    return tuple(m for m in list_modalities() if m != "text")
 _PATCH_SIZE = 16  # pixels per image patch side of the released image adapter
 _TEXT_PAD = 1
 
@@ -83,7 +90,8 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a JSONL manifest; media paths come back resolved against the manifest's folder.
 
     Blank lines are skipped. Each other line must be a JSON object with a string ``"text"`` and
-    exactly one of ``"image"`` / ``"audio"`` (a non-empty string path).
+    exactly one medium key: ``"image"``, ``"audio"`` or another registered modality such as
+    ``"video"`` (a non-empty string path).
 
     Raises:
         FileNotFoundError: the manifest does not exist.
@@ -91,6 +99,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
     """
     path = Path(path)
     folder = path.parent
+    keys = media_keys()
     entries: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -104,10 +113,10 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
             if not isinstance(entry, dict):
                 raise ValueError(  # noqa: TRY004 - a malformed line is a ValueError
                     f"{where}: expected a JSON object, got {type(entry).__name__}")
-            media = [k for k in _MEDIA_KEYS if k in entry]
+            media = [k for k in keys if k in entry]
             if len(media) != 1:
-                raise ValueError(f"{where}: expected exactly one of 'image' or 'audio', got "
-                                 f"{media or 'neither'}")
+                raise ValueError(f"{where}: expected exactly one of {' or '.join(map(repr, keys))}, got "
+                                 f"{media or 'none'}")
             key = media[0]
             if not isinstance(entry[key], str) or not entry[key]:
                 raise ValueError(f"{where}: '{key}' must be a non-empty path string")

@@ -34,11 +34,11 @@ class EmbeddedSet:
 
 @torch.no_grad()
 def embed_media(model, entries: Sequence[dict], kind: str, batch_size: int = 32, progress: bool = False) -> EmbeddedSet:
-    """Embed the `kind` ('image' or 'audio') files of manifest entries; unreadable ones are logged and skipped."""
+    """Embed the `kind` items ('image', 'audio', 'video', any registered modality) of manifest
+    entries with the modality's registered preprocessing; unreadable ones are logged and skipped."""
     from .. import inference
 
-    prepare = inference.image_transform(model) if kind == "image" else inference.audio_transform(model)
-    embed = inference.embed_image_tensors if kind == "image" else inference.embed_waveforms
+    prepare = inference.modality_transform(model, kind)
     tensors, kept = [], []
     iterator = entries
     if progress:
@@ -51,8 +51,18 @@ def embed_media(model, entries: Sequence[dict], kind: str, batch_size: int = 32,
             kept.append(e)
         except (ValueError, OSError) as err:
             log.warning("eval: skipping %s: %s", e[kind], err)
-    emb = embed(model, tensors, batch_size=batch_size) if tensors else torch.zeros(0, model.config.encoder.embed_dim)
+    emb = inference.embed_prepared(model, kind, tensors, batch_size) if tensors \
+        else torch.zeros(0, model.config.encoder.embed_dim)
     return EmbeddedSet(emb.cpu(), [str(e.get("label", "")) for e in kept], [str(e[kind]) for e in kept], list(kept))
+
+
+def media_kind(entry: dict, known: Sequence[str]) -> str:
+    """The non-text modality of a manifest line (the key naming a registered modality)."""
+    kinds = [k for k in entry if k != "text" and k in known]
+    if len(kinds) != 1:
+        raise ValueError(f"a manifest line needs exactly one media key out of {sorted(set(known) - {'text'})}, "
+                         f"got {sorted(entry)}")
+    return kinds[0]
 
 
 @torch.no_grad()
@@ -106,11 +116,13 @@ def evaluate(model, manifests: Sequence[str | Path], concepts: dict | None = Non
     "confusion": {kind: (C, C) list}} (+ "sets" with the embeddings when keep_embeddings).
     """
     from ..data.datasets import read_manifest
+    from ..registry import list_modalities
 
     entries = [e for m in manifests for e in read_manifest(m)]
+    known = list_modalities()
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for e in entries:
-        by_kind["image" if "image" in e else "audio"].append(e)
+        by_kind[media_kind(e, known)].append(e)
     sets: dict[str, EmbeddedSet] = {}
     for kind, items in by_kind.items():
         if kind in model.adapters:
@@ -127,12 +139,14 @@ def evaluate(model, manifests: Sequence[str | Path], concepts: dict | None = Non
                               "counts": {k: len(v.labels) for k, v in sets.items()}}
     if "text" in sets:
         class_emb = class_embeddings(sets["text"], classes)
-        for kind in ("image", "audio"):
-            if kind in sets and len(sets[kind].labels):
+        for kind in sets:
+            if kind != "text" and len(sets[kind].labels):
                 zs = zero_shot(sets[kind], classes, class_emb)
                 result["zero_shot"][kind] = zs["top1"]
                 result["confusion"][kind] = zs["confusion"].tolist()
-    names = [k for k in ("image", "audio", "text") if k in sets and len(sets[k].labels)]
+    # media first (in the model's branch order), text last
+    names = [k for k in model.modalities if k != "text" and k in sets and len(sets[k].labels)]
+    names += ["text"] if "text" in sets and len(sets["text"].labels) else []
     for q in names:
         for k in names:
             if q != k:

@@ -1,6 +1,7 @@
 """The ONE-PEACE model: adapters -> one shared encoder -> per-modality LayerNorm -> projection heads."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import AdapterConfig, ClassifyHeadConfig, ModelConfig
 from ..registry import adapter_class
 from .adapters import AdapterOutput
 from .attention import PackedRows
@@ -78,6 +79,56 @@ class OnePeaceModel(nn.Module):
     def compile_encoder(self, **kwargs: Any) -> "OnePeaceModel":
         """torch.compile the shared encoder in place (parameter names unchanged)."""
         self.encoder.compile(**kwargs)
+        return self
+
+    # ------------------------------------------------------------------ modalities
+    def add_modality(self, name: str, adapter_config: AdapterConfig, init_from: str | None = None
+                     ) -> "OnePeaceModel":
+        """Add a modality branch in place: its adapter, one FFN expert per encoder layer, its final
+        LayerNorm and (with projection heads) its projection. Every existing parameter is kept as is
+        (same tensors); the shared attention is untouched.
+
+        The new pieces are built exactly as a model listing `name` would build them (a one-branch
+        model of the same encoder config, of which only the branch is kept). init_from: an existing
+        modality whose FFN experts, final LayerNorm and projection the new branch starts from (copies);
+        the new adapter also starts from that modality's adapter if it defines `initialize_from`.
+        """
+        if name in self.adapters:
+            raise ValueError(f"this model already has a {name!r} branch")
+        if init_from is not None and init_from not in self.adapters:
+            raise ValueError(f"init_from={init_from!r} is not a branch of this model (it has {list(self.modalities)})")
+        branch = dataclasses.replace(self.config, adapters={name: adapter_config}, classify_head=None)
+        with torch.device(self.device):
+            donor = OnePeaceModel(branch).to(self.dtype)
+        if init_from is not None:
+            with torch.no_grad():
+                for layer, new in zip(self.encoder.layers, donor.encoder.layers):
+                    new.ffn[name].load_state_dict(layer.ffn[init_from].state_dict())
+                donor.encoder.final_norms[name].load_state_dict(self.encoder.final_norms[init_from].state_dict())
+                if self.projections is not None:
+                    donor.projections[name].load_state_dict(self.projections[init_from].state_dict())
+            if hasattr(donor.adapters[name], "initialize_from"):
+                donor.adapters[name].initialize_from(self.adapters[init_from])
+        self.adapters[name] = donor.adapters[name]
+        for layer, new in zip(self.encoder.layers, donor.encoder.layers):
+            layer.ffn[name] = new.ffn[name]
+        self.encoder.final_norms[name] = donor.encoder.final_norms[name]
+        if self.projections is not None:
+            self.projections[name] = donor.projections[name]
+        self.config = dataclasses.replace(self.config, adapters={**self.config.adapters, name: adapter_config})
+        return self
+
+    def set_classify_head(self, head: ClassifyHeadConfig) -> "OnePeaceModel":
+        """Attach a new (randomly initialised) task head, e.g. for fine-tuning; the config records it."""
+        from .heads import ClassifyHead
+
+        missing = [m for m in head.input_modalities if m not in self.adapters]
+        if missing:
+            raise ValueError(f"a {head.head_type!r} head needs the {missing} branch (this model has {list(self.modalities)})")
+        with torch.device(self.device):
+            self.classify_head = ClassifyHead(head, self.config.encoder.embed_dim,
+                                              self.config.encoder.attention_heads).to(self.dtype)
+        self.config = dataclasses.replace(self.config, classify_head=head)
         return self
 
     # ------------------------------------------------------------------ properties
@@ -231,15 +282,19 @@ class OnePeaceModel(nn.Module):
 
     def classify(self, text: torch.Tensor | None = None, image: torch.Tensor | None = None,
                  audio: torch.Tensor | None = None, audio_padding_mask: torch.Tensor | None = None,
-                 image_2: torch.Tensor | None = None) -> torch.Tensor:
+                 image_2: torch.Tensor | None = None, **other: torch.Tensor) -> torch.Tensor:
         """(B, num_classes) logits of the task head. 'vl'/'al' heads take one joint pass (text first);
-        two-image heads (NLVR2) a second joint pass with `image_2`, whose pooled vector is appended."""
+        two-image heads (NLVR2) a second joint pass with `image_2`, whose pooled vector is appended.
+        A head over another registered modality takes it as a keyword (``video=...``)."""
         if self.classify_head is None:
             raise RuntimeError("this model has no task head (load a one_peace_classify checkpoint)")
         hc = self.config.classify_head
-        needed = {"vl": ("text", "image"), "al": ("text", "audio")}.get(hc.head_type, (hc.head_type,))
-        given = {"text": text, "image": image, "audio": audio}
-        missing = [m for m in needed if given[m] is None]
+        needed = hc.input_modalities
+        given = {"text": text, "image": image, "audio": audio,
+                 **{k: v for k, v in other.items() if not k.endswith("_padding_mask")}}
+        pads = {"audio": audio_padding_mask,
+                **{k[:-len("_padding_mask")]: v for k, v in other.items() if k.endswith("_padding_mask")}}
+        missing = [m for m in needed if given.get(m) is None]
         if missing:
             raise ValueError(f"a {hc.head_type!r} head needs {list(needed)}; missing {missing}")
         if hc.use_two_images and image_2 is None:
@@ -249,7 +304,7 @@ class OnePeaceModel(nn.Module):
             segments = []
             for m in needed:
                 kwargs = {"second_image": True} if (second_image and m == "image") else {}
-                pad = audio_padding_mask if m == "audio" else None
+                pad = pads.get(m)
                 value = image_2 if (second_image and m == "image") else given[m]
                 segments.append((m, self.embed_inputs(m, value, pad, **kwargs)))
             hidden = self.encode(segments)
@@ -315,6 +370,13 @@ class OnePeaceModel(nn.Module):
         from ..inference import encode_audios
 
         return encode_audios(self, _as_list(audios, tuple_is_item=True), batch_size, long_audio=long_audio)
+
+    def encode_items(self, modality: str, items: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
+        """Raw items of any branch (``model.encode_items("video", ["clip.gif"])``) -> (N, D) L2-normalised
+        embeddings, through the modality's registered preprocessing and collate."""
+        from ..inference import encode_items
+
+        return encode_items(self, modality, _as_list(items), batch_size)
 
 
 def _as_list(items: Any, tuple_is_item: bool = False) -> list:

@@ -34,23 +34,9 @@ def default_decoder_config(model: ModelConfig, embed_dim: int | None = None, lay
                            heads: int | None = None, ffn_embed_dim: int | None = None) -> ModelConfig:
     """The reference decoder shape for a model: same modalities, no stems, no relative bias,
     'fixed' audio positions, no LayerScale. Released: D=768, F=2048, L=2, H=12."""
-    from ..config import AudioAdapterConfig, ImageAdapterConfig, TextAdapterConfig
-
     D = embed_dim or max(32, model.encoder.embed_dim // 2)
-    adapters = {}
-    for name, cfg in model.adapters.items():
-        if isinstance(cfg, TextAdapterConfig):
-            adapters[name] = TextAdapterConfig(vocab_size=0, use_attn_bias=False, max_positions=cfg.max_positions,
-                                               max_length=cfg.max_length)
-        elif isinstance(cfg, ImageAdapterConfig):
-            adapters[name] = ImageAdapterConfig(vision_encoder_type="none", use_attn_bias=False,
-                                                image_size=cfg.image_size, bucket_size=cfg.bucket_size,
-                                                rel_bucket_size=cfg.rel_bucket_size)
-        elif isinstance(cfg, AudioAdapterConfig):
-            adapters[name] = AudioAdapterConfig(feature_encoder_spec=(), abs_pos_type="fixed", use_attn_bias=False,
-                                                bucket_size=256)
-        else:
-            raise ValueError(f"no default decoder adapter for modality {name!r}")
+    # each modality's config knows its decoder variant (a modality without one raises, naming itself)
+    adapters = {name: cfg.decoder_variant() for name, cfg in model.adapters.items()}
     encoder = dataclasses.replace(
         model.encoder, embed_dim=D, layers=layers, attention_heads=heads or max(1, D // 64) if D >= 64 else 4,
         ffn_embed_dim=ffn_embed_dim or D * 8 // 3 // 8 * 8, use_layer_scale=False, rel_pos_tables=1,
