@@ -1,4 +1,4 @@
-"""The `onepeace` command line: embed, index, search, serve, convert, info, train, demo, eval."""
+"""The `onepeace` command line: embed, index, search, serve, convert, info, train, fine-tune, demo, eval."""
 from __future__ import annotations
 
 import argparse
@@ -327,6 +327,67 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ fine-tuning
+def _parse_set(items: Sequence[str]) -> dict:
+    raw = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            raw[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raw[key] = value
+    return raw
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneConfig, finetune
+
+    raw = json.loads(Path(args.config).read_text()) if args.config else {}
+    flags = {"model": args.model, "train_manifest": args.train, "test_manifest": args.test, "mode": args.mode,
+             "modality": args.modality, "output_dir": args.out, "concepts": args.concepts, "steps": args.steps,
+             "bpe_dir": args.bpe_dir}
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    raw.update(_parse_set(args.set))
+    missing = [k for k in ("model", "train_manifest") if k not in raw]
+    if missing:
+        raise ValueError(f"give {missing} (flags --model/--train, or a config file)")
+    metrics = finetune(FinetuneConfig.from_dict(raw))
+    print(f"mode {metrics['mode']} on {metrics['modality']}: {metrics['train_items']} training items, "
+          f"{metrics['classes']} classes, loss {metrics['first_loss']:.3f} -> {metrics['last_loss']:.3f}")
+    if "zero_shot_accuracy_before" in metrics:
+        print(f"zero-shot accuracy before: {metrics['zero_shot_accuracy_before']:.3f}")
+    if "accuracy" in metrics:
+        print(f"test accuracy after ({metrics['test_items']} items): {metrics['accuracy']:.3f}")
+    print(f"wrote {raw.get('output_dir', 'runs/finetune')} ({metrics['minutes']:.1f} min)")
+    return 0
+
+
+def cmd_demo_finetune(args: argparse.Namespace) -> int:
+    from .demo.finetune import run_finetune_demo
+
+    metrics = run_finetune_demo(args.model, args.out, quick=args.quick, bpe_dir=args.bpe_dir)
+    print(f"{'method':<100} {'accuracy':>8} {'min':>5}")
+    for name, acc, minutes in metrics["table"]:
+        print(f"{name:<100} {acc:>8.3f} {minutes:>5.1f}")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_demo_video(args: argparse.Namespace) -> int:
+    from .demo.video import run_video_demo
+
+    m = run_video_demo(args.model, args.out, quick=args.quick, bpe_dir=args.bpe_dir)
+    print(f"pre-existing parameters bit-identical after video training: {m['pre_existing_parameters_identical']}")
+    print(f"{'metric':<28} {'before':>7} {'trained':>7}")
+    for key in ("video_zero_shot_top1", "video_to_audio_r1", "audio_to_video_r1", "video_to_image_r1",
+                "image_to_video_r1", "video_to_audio_map", "video_to_image_map", "video_to_text_r1"):
+        print(f"{key:<28} {m['before_training'][key]:>7.3f} {m['trained'][key]:>7.3f}")
+    print(f"report: {Path(args.out) / 'report.md'} ({m['minutes']:.1f} min)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onepeace", description="ONE-PEACE embeddings without fairseq.")
@@ -444,6 +505,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true")
     model_options(p, model_flag=False)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("finetune", help="fine-tune: classify head, linear probe or contrastive retrieval (LLRD)")
+    p.add_argument("config", nargs="?", default=None, help="FinetuneConfig JSON (flags and --set override it)")
+    p.add_argument("--model", "-m", default=None, help="converted folder or released .pt")
+    p.add_argument("--train", default=None, help="training manifest (JSONL with label)")
+    p.add_argument("--test", default=None, help="held-out manifest: accuracy after (and zero-shot before)")
+    p.add_argument("--mode", choices=("classify", "linear-probe", "retrieval"), default=None)
+    p.add_argument("--modality", default=None, help="the branch to fine-tune (default image)")
+    p.add_argument("--concepts", default=None, help="concepts.json: class order and caption templates")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--out", "-o", default=None, help="output folder (default runs/finetune)")
+    p.add_argument("--bpe-dir", default=None)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="other FinetuneConfig fields, e.g. layer_decay=0.65 pooling=cls (values parsed as JSON)")
+    p.set_defaults(func=cmd_finetune)
+
+    for name, func, what in (
+            ("demo-finetune", cmd_demo_finetune, "zero-shot vs linear probe vs fine-tuned accuracy on the demo data"),
+            ("demo-video", cmd_demo_video, "add a video modality to the demo model, train it against text, evaluate")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--model", "-m", default="runs/demo/model", help="the trained demo model (onepeace demo)")
+        p.add_argument("--out", default=f"runs/{name}")
+        p.add_argument("--quick", action="store_true", help="tiny sizes and a few steps (CI)")
+        p.add_argument("--bpe-dir", default=None)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("info", help="config, parameters per modality, dtype")
     p.add_argument("model", help="released .pt checkpoint or converted folder")

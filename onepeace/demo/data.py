@@ -736,3 +736,11 @@ def build_demo_data(root: str | os.PathLike | None = None, *, quick: bool = Fals
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
     return root
+
+
+def demo_output_and_data(out_dir: str | os.PathLike, data_root: str | os.PathLike | None, quick: bool
+                         ) -> tuple[Path, Path]:
+    """(output folder, created; the demo data folder, built or cached) for a run on the demo data."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, Path(build_demo_data(data_root, quick=quick, seed=0))

@@ -55,3 +55,37 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def parameter_depth(name: str, num_layers: int) -> int:
+    """Depth of a parameter for layer-wise learning-rate decay: adapters 0, encoder layer i -> i + 1,
+    everything above the layers (final LayerNorms, projections, temperature, task head) num_layers + 1."""
+    if name.startswith("adapters."):
+        return 0
+    if name.startswith("encoder.layers."):
+        return int(name.split(".")[2]) + 1
+    return num_layers + 1
+
+
+def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float
+                       ) -> list[dict]:
+    """AdamW parameter groups of an OnePeaceModel's trainable parameters with layer-wise lr decay:
+    lr * layer_decay ** (num_layers + 1 - depth), and the no-decay set of :func:`wants_decay`.
+
+    Each group carries "depth" and "lr_scale" (for inspection and tests)."""
+    if not 0 < layer_decay <= 1:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    num_layers = len(model.encoder.layers)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        depth = parameter_depth(name, num_layers)
+        decay = wants_decay(name, p)
+        scale = layer_decay ** (num_layers + 1 - depth)
+        group = groups.setdefault((depth, decay), {
+            "params": [], "names": [], "depth": depth, "lr_scale": scale, "lr": lr * scale,
+            "weight_decay": weight_decay if decay else 0.0})
+        group["params"].append(p)
+        group["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
