@@ -254,17 +254,19 @@ def cmd_ground(args: argparse.Namespace) -> int:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from . import inference
+    from .config import JOINT_HEAD_TYPES
+    from .finetune import collate_items
 
     model = _load_model(args)
     kind = model.head_type
-    if kind not in ("image", "audio"):
-        raise ValueError(f"{args.model} has a {kind!r} head; `onepeace classify` takes image or audio heads")
+    if kind is None or kind in JOINT_HEAD_TYPES:
+        raise ValueError(f"{args.model} has a {kind!r} head; `onepeace classify` takes single-modality heads "
+                         "(image, audio, video, ...)")
     labels: dict[int, str] = {}
     if args.labels:
         raw = json.loads(Path(args.labels).read_text())
         labels = {int(k): v for k, v in raw.items()} if isinstance(raw, dict) else dict(enumerate(raw))
-    prepare = inference.image_transform(model) if kind == "image" else inference.audio_transform(model)
-    spec = model.config.adapters["audio"].feature_encoder_spec if kind == "audio" else None
+    prepare = inference.modality_transform(model, kind)
     status = 0
     for path in args.files:
         try:
@@ -274,13 +276,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             status = 1
             continue
         with torch.inference_mode():
-            if kind == "image":
-                logits = model.classify(image=x.unsqueeze(0).to(model.device, model.dtype))
-            else:
-                from .data.audio import collate_waveforms
-
-                audio, mask = collate_waveforms([x], spec)
-                logits = model.classify(audio=audio.to(model.device), audio_padding_mask=mask.to(model.device))
+            logits = model.classify(**collate_items(model, kind, [x]))
         probs = logits.float().softmax(-1)[0]
         top = probs.topk(min(args.k, probs.numel()))
         print(path)

@@ -118,10 +118,12 @@ def shuffled_batches(n: int, batch_size: int, steps: int, seed: int) -> list[lis
 
 
 def collate_items(model, modality: str, prepared: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Prepared items -> forward keyword arguments on the model's device (floats in its dtype)."""
     from .registry import get_modality
 
     batch = get_modality(model.config.adapters[modality].kind).collate(model, prepared)
-    return {k: v.to(model.device) for k, v in batch.items()}
+    return {k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
+            for k, v in batch.items()}
 
 
 def prepare_entries(model, modality: str, entries: Sequence[dict]) -> list[torch.Tensor]:

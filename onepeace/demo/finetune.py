@@ -21,7 +21,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class FinetuneDemoSettings:
-    classify_steps: int = 150
+    classify_steps: int = 300
     retrieval_steps: int = 100
     batch_size: int = 64
     lr: float = 3e-4
