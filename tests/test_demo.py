@@ -84,3 +84,39 @@ def test_eval_command_reports_every_modality_pair(demo, tmp_path):
     assert abs(numbers["zero_shot"]["image"] - metrics["image_zero_shot_top1"]) < 1e-6
     assert set(numbers["retrieval"]["audio->image"]) == {"r1", "r5", "r10", "map"}
 
+
+
+def _run_cli(args: list[str], cache) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "onepeace", *args, "--quick", "--bpe-dir", str(BPE_DIR)],
+                            capture_output=True, text=True, timeout=600,
+                            env={**__import__("os").environ, "ONEPEACE_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_demo_video_adds_a_branch_and_leaves_the_others_alone(demo, tmp_path):
+    out, _, data = demo
+    result = _run_cli(["demo-video", "--model", str(out / "model"), "--out", str(tmp_path / "video")],
+                      data.parent.parent)
+    assert "pre-existing parameters bit-identical after video training: True" in result.stdout
+    video = json.loads((tmp_path / "video" / "metrics.json").read_text())
+    demo_metrics = json.loads((out / "metrics.json").read_text())
+    assert video["counts"]["video"] == 20 * 4 and (data / "train_video.jsonl").exists()
+    for key in ("video_zero_shot_top1", "video_to_audio_r1", "video_to_image_r1", "image_to_video_r1"):
+        assert 0 <= video["trained"][key] <= 1
+    # the image and audio branches are untouched: their zero-shot numbers are the demo's own
+    assert abs(video["trained"]["image_zero_shot_top1"] - demo_metrics["image_zero_shot_top1"]) < 1e-6
+    assert abs(video["trained"]["audio_zero_shot_top1"] - demo_metrics["audio_zero_shot_top1_heldout_voices"]) < 1e-6
+    assert onepeace.load(tmp_path / "video" / "model").modalities == ("text", "image", "audio", "video")
+
+
+def test_demo_finetune_tabulates_zero_shot_probe_and_finetuned(demo, tmp_path):
+    out, _, data = demo
+    result = _run_cli(["demo-finetune", "--model", str(out / "model"), "--out", str(tmp_path / "ft")],
+                      data.parent.parent)
+    table = json.loads((tmp_path / "ft" / "metrics.json").read_text())["table"]
+    assert [row[0].split(" ")[0] for row in table] == ["zero-shot", "linear", "fine-tuned", "fine-tuned", "contrastive"]
+    assert all(0 <= acc <= 1 for _, acc, _ in table)
+    # the same model, test images and prompts as the demo's own evaluation
+    assert abs(table[0][1] - json.loads((out / "metrics.json").read_text())["image_zero_shot_top1"]) < 1e-6
+    assert "linear probe" in result.stdout

@@ -6,7 +6,7 @@ held-out test split (distinct images). Every mode starts from the same trained d
 * zero-shot: the model as it is, against the prompt ensembles of the concepts' caption templates;
 * linear probe: a linear layer on the frozen model's image embeddings;
 * classify: the reference's classify head (attention pooling over the image tokens, pooler, MLP)
-  fine-tuned with the whole model, layer-wise learning-rate decay;
+  fine-tuned with the whole model, layer-wise learning-rate decay; the same with the CLS row;
 * retrieval: contrastive image-text fine-tuning of the whole model, then zero-shot again.
 """
 from __future__ import annotations
@@ -53,6 +53,8 @@ def run_finetune_demo(model_dir: str | Path, out_dir: str | Path = "runs/demo-fi
         "linear-probe": dataclasses.replace(base, mode="linear-probe", output_dir=str(out / "linear-probe")),
         "classify": dataclasses.replace(base, mode="classify", steps=settings.classify_steps,
                                         output_dir=str(out / "classify")),
+        "classify-cls": dataclasses.replace(base, mode="classify", pooling="cls", steps=settings.classify_steps,
+                                            output_dir=str(out / "classify-cls")),
         "retrieval": dataclasses.replace(base, mode="retrieval", steps=settings.retrieval_steps,
                                          output_dir=str(out / "retrieval")),
     }
@@ -65,6 +67,8 @@ def run_finetune_demo(model_dir: str | Path, out_dir: str | Path = "runs/demo-fi
               results["linear-probe"]["minutes"]),
              (f"fine-tuned classify head (attention pooling + MLP, LLRD {settings.layer_decay}, "
               f"{settings.classify_steps} steps)", results["classify"]["accuracy"], results["classify"]["minutes"]),
+             (f"fine-tuned classify head (CLS + MLP, LLRD {settings.layer_decay}, {settings.classify_steps} steps)",
+              results["classify-cls"]["accuracy"], results["classify-cls"]["minutes"]),
              (f"contrastive retrieval fine-tuning, then zero-shot ({settings.retrieval_steps} steps)",
               results["retrieval"]["accuracy"], results["retrieval"]["minutes"])]
     metrics = {"table": table, "runs": results, "settings": dataclasses.asdict(settings),

@@ -39,10 +39,10 @@ class VideoDemoSettings:
     clip_size: int = 64  # canvas side in pixels
     train_per_class: int = 100  # clips per concept (from distinct training images)
     test_per_class: int = 20  # from held-out test images
-    steps: int = 220
+    steps: int = 400
     batch_size: int = 32
     lr: float = 1e-3
-    warmup_steps: int = 15
+    warmup_steps: int = 20
     seed: int = 0
 
     @classmethod
