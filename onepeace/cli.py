@@ -49,7 +49,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     from .inference import embed_entries
 
-    items, failed = find_inputs(args.inputs)
+    if args.as_modality:  # every input (a file or a folder, e.g. a folder of frames) is one item
+        items = [(args.as_modality, p) for p in args.inputs if Path(p).exists()]
+        failed = [(p, "no such file or folder") for p in args.inputs if not Path(p).exists()]
+    else:
+        items, failed = find_inputs(args.inputs)
     texts = [(f"--text[{i}]", t) for i, t in enumerate(args.text or [])]
     for modality, path in [x for x in items if x[0] == "text"]:
         try:
@@ -73,9 +77,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         failed.append((path, why))
         tqdm.write(f"skipped {path}: {why}", file=sys.stderr)
 
-    plans = [("image", [(p, p) for m, p in items if m == "image"]),
-             ("audio", [(p, p) for m, p in items if m == "audio"]),
-             ("text", texts)]
+    found = list(dict.fromkeys(m for m, _ in items))
+    media = [m for m in ("image", "audio") if m in found] + [m for m in found if m not in ("image", "audio")]
+    plans = [(kind, [(p, p) for m, p in items if m == kind]) for kind in media] + [("text", texts)]
     total = sum(len(v) for _, v in plans)
     bar = tqdm(total=total, unit="item", desc="embedding", disable=args.quiet)
     for modality, entries in plans:
@@ -401,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="embed image/audio files, folders and texts into an .npz")
     p.add_argument("inputs", nargs="*", help="files or folders (modality from the extension; .txt/.jsonl: one text per line)")
     p.add_argument("--text", "-t", action="append", help="a text to embed (repeatable)")
+    p.add_argument("--as", dest="as_modality", default=None, metavar="MODALITY",
+                   help="embed every input as this modality, one item per file or folder (e.g. --as video clips/*.gif)")
     p.add_argument("--out", "-o", default="embeddings.npz")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--bpe-dir", default=None, help="folder with encoder.json, vocab.bpe, dict.txt")

@@ -187,16 +187,16 @@ def embed_entries(model, modality: str, entries: Sequence[tuple[str, Any]], on_e
             on_error(name, f"the model has no {modality} branch")
         progress(len(entries))
         return names, chunks[0]
-    try:
-        prepare = {"image": lambda: image_transform(model), "audio": lambda: audio_transform(model),
-                   "text": lambda: model.tokenizer.encode}[modality]()
+    try:  # the modality's registered preprocessing (text: the tokenizer, loaded now)
+        prepare = modality_transform(model, modality)
+        if modality == "text":
+            _ = model.tokenizer
     except (FileNotFoundError, ValueError) as e:  # e.g. no tokenizer files
         for name, _ in entries:
             on_error(name, str(e))
         progress(len(entries))
         return names, chunks[0]
-    embed = {"image": embed_image_tensors, "audio": embed_waveforms, "text": embed_token_ids}[modality]
-    batch = batch_size or DEFAULT_BATCH[modality]
+    batch = batch_size or DEFAULT_BATCH.get(modality, 16)
     for start in range(0, len(entries), batch):
         ok_names, prepared = [], []
         for name, source in entries[start:start + batch]:
@@ -207,7 +207,7 @@ def embed_entries(model, modality: str, entries: Sequence[tuple[str, Any]], on_e
                 on_error(name, str(e))
         if prepared:
             try:
-                emb = embed(model, prepared, batch_size=batch)
+                emb = embed_prepared(model, modality, prepared, batch_size=batch)
             except ValueError as e:  # e.g. token ids outside a toy model's vocabulary
                 for name in ok_names:
                     on_error(name, str(e))

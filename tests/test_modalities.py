@@ -198,3 +198,20 @@ def _initial_value(name: str, before: dict[str, torch.Tensor]) -> torch.Tensor:
     if name == "adapters.video.spatial_pos":
         return before["adapters.image.pos_embed"]  # same 4 x 4 grid
     return before[name.replace(".video.", ".image.").replace("adapters.video.", "adapters.image.")]
+
+
+def test_cli_embeds_clips_with_as_video(tmp_path, capsys):
+    from onepeace.cli import main
+
+    model = random_tiny_model()
+    model.add_modality("video", VideoAdapterConfig(num_frames=4, image_size=64), init_from="image")
+    save_converted(model, tmp_path / "m")
+    clips = [write_clip(tmp_path / f"{d}.gif", moving_square(d)) for d in ("right", "down")]
+    code = main(["embed", "-m", str(tmp_path / "m"), "--as", "video", *clips, str(tmp_path / "missing.gif"),
+                 "-o", str(tmp_path / "e.npz"), "-q"])
+    assert code == 0
+    assert "2 embeddings of dim 64 (2 video); 1 skipped" in capsys.readouterr().out
+    saved = np.load(tmp_path / "e.npz")
+    expected = model.encode_items("video", clips)
+    assert list(saved["modalities"]) == ["video", "video"] and list(saved["failed_files"]) == [str(tmp_path / "missing.gif")]
+    assert np.allclose(saved["embeddings"], expected.numpy(), atol=1e-5)
