@@ -24,6 +24,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -114,9 +115,18 @@ class IndexStore:
         self.faiss_dir = self.path / "faiss"
         self._lock = threading.Lock()  # one connection shared by the server's threads
         self.db = sqlite3.connect(self.path / DB_FILE, timeout=120, check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA busy_timeout=120000")
-        self.db.executescript(SCHEMA)
+        # Switching to WAL needs an exclusive lock, and SQLite answers "database is locked" at once
+        # (no busy wait) when another rank's connection is setting up the same new file: retry.
+        for attempt in range(200):
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.executescript(SCHEMA)
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or attempt == 199:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         self.db.close()
