@@ -64,6 +64,27 @@ def test_packed_rows_equal_the_padded_computation(model, monkeypatch):
         assert not packed.hidden_states[m][~real].any()  # padding rows come back as zeros
 
 
+def test_time_major_audio_front_end_equals_the_conv_front_end(model):
+    """Inference runs the conv feature extractor as strided matrix products; training keeps Conv1d."""
+    adapter = model.adapters["audio"]
+    waves = torch.randn(2, 16000)
+    with torch.inference_mode():
+        fast = adapter.extract_features(waves)
+    with torch.enable_grad():
+        conv = adapter.extract_features(waves)
+    err = max_rel_error(fast, conv.detach())
+    print(f"time-major vs Conv1d audio features: {err:.1e}")
+    assert fast.shape == conv.shape == (2, adapter.num_frames(16000), model.config.encoder.embed_dim)
+    assert err <= 1e-5
+    model.reference_mode = True  # the benchmarks' baseline keeps Conv1d, also at inference
+    try:
+        assert model.adapters["audio"].reference_mode
+        with torch.inference_mode():
+            assert torch.equal(adapter.extract_features(waves), conv.detach())
+    finally:
+        model.reference_mode = False
+
+
 def test_fused_weights_share_storage_and_follow_training_updates(model):
     import copy
 

@@ -67,6 +67,17 @@ class OnePeaceModel(nn.Module):
         # softmax, the (B, H, S, S) mask rebuilt in every layer, batches padded to the longest item
         self.reference_mode = False
 
+    @property
+    def reference_mode(self) -> bool:
+        """The plain implementation kept for benchmarks (see __init__); also tells the adapters."""
+        return self._reference_mode
+
+    @reference_mode.setter
+    def reference_mode(self, value: bool) -> None:
+        self._reference_mode = bool(value)
+        for adapter in self.adapters.values():
+            adapter.reference_mode = bool(value)
+
     def fuse_for_inference(self) -> "OnePeaceModel":
         """One matmul for q/k/v and one for the GeGLU input projections of every layer (the
         parameters become views of the fused tensors: no extra memory, same state dict)."""
@@ -110,6 +121,7 @@ class OnePeaceModel(nn.Module):
             if hasattr(donor.adapters[name], "initialize_from"):
                 donor.adapters[name].initialize_from(self.adapters[init_from])
         self.adapters[name] = donor.adapters[name]
+        self.adapters[name].reference_mode = self.reference_mode
         for layer, new in zip(self.encoder.layers, donor.encoder.layers):
             layer.ffn[name] = new.ffn[name]
         self.encoder.final_norms[name] = donor.encoder.final_norms[name]

@@ -30,6 +30,8 @@ class Adapter(nn.Module):
     """
 
     RELEASED_NAMES: ClassVar[list[tuple[str, str]]] = []
+    # set by OnePeaceModel.reference_mode: keep the plain computation (benchmarks' baseline)
+    reference_mode: bool = False
     _COMMON_RELEASED_NAMES: ClassVar[list[tuple[str, str]]] = [
         (r"^cls_token$", "cls_embedding"),
         (r"^type_embed$", "type_embedding"),
