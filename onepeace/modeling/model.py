@@ -171,16 +171,8 @@ class OnePeaceModel(nn.Module):
         waveforms (layer-normed, zero-padded) with `audio_padding_mask` (B, T'+1), True = pad.
         Other registered modalities come as keyword arguments, with `{name}_padding_mask`.
         """
-        inputs: dict[str, torch.Tensor] = {}
-        masks: dict[str, torch.Tensor | None] = {"audio": audio_padding_mask}
-        for name, value in (("text", text), ("image", image), ("audio", audio)):
-            if value is not None:
-                inputs[name] = value
-        for key, value in other.items():
-            if key.endswith("_padding_mask"):
-                masks[key[: -len("_padding_mask")]] = value
-            elif value is not None:
-                inputs[key] = value
+        inputs, masks = _inputs_and_masks(text=text, image=image, audio=audio,
+                                          audio_padding_mask=audio_padding_mask, **other)
         if not inputs:
             raise ValueError(f"no inputs given; this model takes {list(self.modalities)}")
         missing = [m for m in inputs if m not in self.adapters]
@@ -302,10 +294,8 @@ class OnePeaceModel(nn.Module):
             raise RuntimeError("this model has no task head (load a one_peace_classify checkpoint)")
         hc = self.config.classify_head
         needed = hc.input_modalities
-        given = {"text": text, "image": image, "audio": audio,
-                 **{k: v for k, v in other.items() if not k.endswith("_padding_mask")}}
-        pads = {"audio": audio_padding_mask,
-                **{k[:-len("_padding_mask")]: v for k, v in other.items() if k.endswith("_padding_mask")}}
+        given, pads = _inputs_and_masks(text=text, image=image, audio=audio,
+                                        audio_padding_mask=audio_padding_mask, **other)
         missing = [m for m in needed if given.get(m) is None]
         if missing:
             raise ValueError(f"a {hc.head_type!r} head needs {list(needed)}; missing {missing}")
@@ -389,6 +379,19 @@ class OnePeaceModel(nn.Module):
         from ..inference import encode_items
 
         return encode_items(self, modality, _as_list(items), batch_size)
+
+
+def _inputs_and_masks(**named: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Keyword arguments -> ({modality: input}, {modality: padding mask}), None values dropped."""
+    inputs, masks = {}, {}
+    for key, value in named.items():
+        if value is None:
+            continue
+        if key.endswith("_padding_mask"):
+            masks[key[: -len("_padding_mask")]] = value
+        else:
+            inputs[key] = value
+    return inputs, masks
 
 
 def _as_list(items: Any, tuple_is_item: bool = False) -> list:
