@@ -129,6 +129,8 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="run only cases whose name contains this")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--fuse", action="store_true", help="fused q/k/v and GeGLU projections (GPU default)")
+    parser.add_argument("--no-pack", action="store_true",
+                        help="keep plain weights (onepeace.load packs them into oneDNN's layout on CPU)")
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
                         help="process: time by this process's CPU seconds, which other jobs on a shared machine "
                              "do not inflate; use with --threads 1, where CPU seconds = single-core latency")
@@ -142,6 +144,8 @@ def main() -> None:
     fast = build(args.size)
     if args.fuse:
         fast.fuse_for_inference()
+    elif not args.no_pack:
+        fast.pack_cpu_weights()  # what onepeace.load does on CPU
     plain = build(args.size)
     plain.reference_mode = True
     cfg = fast.config.encoder

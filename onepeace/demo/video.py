@@ -150,13 +150,16 @@ def _video_numbers(result: dict[str, Any]) -> dict[str, float]:
 
 
 def snapshot_parameters(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+    """Every parameter's value, read through the state dict (a CPU-packed layer's parameter holds only a
+    placeholder; its state-dict entry is the dense weight)."""
+    names = {name for name, _ in model.named_parameters()}
+    return {name: t.detach().clone() for name, t in model.state_dict().items() if name in names}
 
 
 def changed_parameters(model, snapshot: dict[str, torch.Tensor]) -> list[str]:
     """Names of snapshot parameters that are no longer bit-identical (torch.equal)."""
-    params = dict(model.named_parameters())
-    return [name for name, before in snapshot.items() if not torch.equal(params[name].detach(), before)]
+    state = model.state_dict()
+    return [name for name, before in snapshot.items() if not torch.equal(state[name].detach(), before)]
 
 
 def add_video_branch(model, frames: int):

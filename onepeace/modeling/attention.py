@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packed_linear import PackableLinear
+
 
 class PackedRows:
     """The real (non-padding) rows of a padded (B, S, .) batch, kept as one (N, .) matrix.
@@ -40,10 +42,10 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.q_proj = PackableLinear(dim, dim)
+        self.k_proj = PackableLinear(dim, dim, bias=False)
+        self.v_proj = PackableLinear(dim, dim)
+        self.out_proj = PackableLinear(dim, dim)
         self.head_scale = nn.Parameter(torch.ones(num_heads)) if scale_heads else None
         self.inner_norm = nn.LayerNorm(dim) if magneto_scale_attn else None
         self.dropout = dropout

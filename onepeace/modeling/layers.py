@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packed_linear import PackableLinear, packed_linear, packed_linear_mul
+
 
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch of a sample with probability `p` (training only)."""
@@ -33,11 +35,11 @@ class GeGLUFeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, scale_fc: bool = True, activation_dropout: float = 0.0):
         super().__init__()
-        self.wi_0 = nn.Linear(dim, hidden_dim, bias=False)
-        self.wi_1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.wi_0 = PackableLinear(dim, hidden_dim, bias=False)
+        self.wi_1 = PackableLinear(dim, hidden_dim, bias=False)
         self.dropout = nn.Dropout(activation_dropout)
         self.norm = nn.LayerNorm(hidden_dim) if scale_fc else None
-        self.fc_out = nn.Linear(hidden_dim, dim)
+        self.fc_out = PackableLinear(hidden_dim, dim)
 
     def fuse_projections(self) -> None:
         """wi_0 / wi_1 as views into one (2F, D) tensor: one matmul at inference (see SelfAttention)."""
@@ -60,7 +62,9 @@ class GeGLUFeedForward(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
         fused = self._fused_wi()
-        if fused is not None:
+        if self.wi_0.is_packed and self.wi_1.is_packed and not torch.is_grad_enabled():  # CPU inference: GELU and product inside the GEMMs
+            hidden = packed_linear_mul(self.wi_1, h, packed_linear(self.wi_0, h, activation="gelu"))
+        elif fused is not None:
             gate, up = F.linear(h, fused).chunk(2, dim=-1)
             hidden = F.gelu(gate) * up
         elif torch.is_grad_enabled():

@@ -87,6 +87,31 @@ class OnePeaceModel(nn.Module):
                 expert.fuse_projections()
         return self
 
+    def pack_cpu_weights(self) -> "OnePeaceModel":
+        """Pack the encoder's linear weights into oneDNN's layout for CPU inference (float32 or
+        bfloat16): the same numbers (<= 1e-6 relative), short inputs ~2.5x and large batches ~1.3x
+        faster, no extra memory (see modeling/packed_linear.py). ``onepeace.load`` does this on CPU.
+        ``model.train()``, ``.to()``, ``load_state_dict`` or `unpack_cpu_weights` undo it, and so does a
+        forward with gradients enabled (with a warning; the packed ops have no backward). While packed,
+        a layer's weight Parameter holds a NaN placeholder: read weights through ``state_dict()``."""
+        from .packed_linear import pack_linear_weights
+
+        pack_linear_weights(self.encoder)
+        return self
+
+    def unpack_cpu_weights(self) -> "OnePeaceModel":
+        """Dense weights again (bit-identical), e.g. to compute gradients in eval mode."""
+        from .packed_linear import unpack_linear_weights
+
+        unpack_linear_weights(self)
+        return self
+
+    @property
+    def cpu_weights_packed(self) -> bool:
+        from .packed_linear import PackableLinear
+
+        return any(isinstance(m, PackableLinear) and m.is_packed for m in self.modules())
+
     def compile_encoder(self, **kwargs: Any) -> "OnePeaceModel":
         """torch.compile the shared encoder in place (parameter names unchanged)."""
         self.encoder.compile(**kwargs)
