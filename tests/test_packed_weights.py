@@ -116,3 +116,24 @@ def test_deepcopy_to_and_load_state_dict_see_dense_weights():
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(model(text=TEXT).embeddings["text"], other(text=TEXT).embeddings["text"])
+
+
+def test_audio_front_end_window_weights_follow_weight_updates():
+    """The front end's (C_out, k C_in) window weight is cached (packed); an in-place update or a new
+    tensor must not leave a stale copy."""
+    block = random_tiny_model().adapters["audio"].feature_extractor[1]
+    x = torch.randn(2, 50, block.conv.in_channels)
+
+    def conv_path():
+        return block(x.transpose(1, 2)).transpose(1, 2)
+
+    with torch.no_grad():
+        for change in (lambda w: w.add_(torch.randn_like(w)),  # (a scale alone the LayerNorm would undo)
+                       lambda w: setattr(block.conv, "weight", torch.nn.Parameter(w.flip(-1)))):
+            fast = block.forward_time_major(x)
+            assert max_rel_error(fast, conv_path()) <= 1e-5
+            change(block.conv.weight)
+            assert max_rel_error(block.forward_time_major(x), conv_path()) <= 1e-5
+            assert max_rel_error(block.forward_time_major(x), fast) > 1e-3
+        twin = copy.deepcopy(block)
+        assert max_rel_error(twin.forward_time_major(x), block.forward_time_major(x)) == 0

@@ -294,7 +294,9 @@ class OnePeaceModel(nn.Module):
                     start += length
             if padding_mask is not None:
                 mask = mask.masked_fill(padding_mask[:, None, None, :], float("-inf"))
-            masks.append(mask)
+            # contiguous once here: the bias is a permuted view, which the attention kernel would
+            # otherwise copy in every layer (18 ms a layer for 15-s audio)
+            masks.append(mask.contiguous())
         return masks
 
     def project(self, modality: str, cls_state: torch.Tensor) -> torch.Tensor:

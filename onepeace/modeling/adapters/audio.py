@@ -2,11 +2,14 @@
 (or fixed) positions, CLS with its own position, 1-D relative bias."""
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...config import AudioAdapterConfig
+from ..packed_linear import PACKABLE_DTYPES, cpu_packing_available
 from ..relative_position import bucket_index_1d
 from .base import Adapter, AdapterOutput
 
@@ -25,20 +28,50 @@ class FeatureConvBlock(nn.Module):
         return F.gelu(x)
 
     def forward_time_major(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C_in) -> (B, N', C_out)
-        """The same block as `k` matrix products over strided time views (inference): no transposes
-        around the LayerNorm and no im2col buffer; ~20% faster than Conv1d on the CPU."""
+        """The same block as ONE matrix product (inference): in time-major layout the k x C_in
+        window of every output step is contiguous, so the im2col matrix is a strided view of x
+        (rows `stride` x C_in apart) multiplied by the (C_out, k x C_in) weight, packed for oneDNN on
+        CPU. No transposes around the LayerNorm; ~1.7x faster than k strided products, 2x Conv1d."""
         kernel, stride = self.conv.kernel_size[0], self.conv.stride[0]
-        steps = (x.shape[1] - kernel) // stride + 1
-        weight = self.conv.weight  # (C_out, C_in, k)
-        if x.shape[-1] == 1:  # the first block sees raw samples: a tiny (B, N', k) window matrix
-            y = x[..., 0].unfold(1, kernel, stride) @ weight[:, 0, :].T
+        B, N, C = x.shape
+        steps = (N - kernel) // stride + 1
+        if C == 1:  # the first block sees raw samples: a tiny (B, N', k) window matrix
+            y = x[..., 0].unfold(1, kernel, stride) @ self.conv.weight[:, 0, :].T
         else:
-            y = x[:, 0: stride * (steps - 1) + 1: stride] @ weight[:, :, 0].T
-            for j in range(1, kernel):
-                y.add_(x[:, j: j + stride * (steps - 1) + 1: stride] @ weight[:, :, j].T)
+            x = x.contiguous()
+            cols = x.as_strided((B, steps, kernel * C), (N * C, stride * C, 1))  # (B, N', k C_in), a view
+            y = _window_product(cols, self._window_weight())
         if self.conv.bias is not None:
             y.add_(self.conv.bias)
         return F.gelu(self.norm(y))
+
+    def _window_weight(self) -> torch.Tensor:
+        """conv.weight (C_out, C_in, k) as (C_out, k C_in) in window order, packed where oneDNN can;
+        cached until the weight changes (a new tensor, an in-place update or another dtype)."""
+        w = self.conv.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        cached = getattr(self, "_window_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
+                dense = w.detach().permute(0, 2, 1).reshape(w.shape[0], -1).contiguous()
+                if w.device.type == "cpu" and w.dtype in PACKABLE_DTYPES and cpu_packing_available():
+                    dense = torch.ops.mkldnn._reorder_linear_weight(dense, None)
+            self._window_cache = cached = (key, dense)
+        return cached[1]
+
+    def __deepcopy__(self, memo):  # the packed cache does not deep-copy: drop it (it is rebuilt)
+        cls = self.__class__
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            new.__dict__[name] = None if name == "_window_cache" else copy.deepcopy(value, memo)
+        return new
+
+
+def _window_product(cols: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(cols, weight, None, "none", [], "")
+    return F.linear(cols, weight)
 
 
 class ConvPositionalEmbedding(nn.Module):
