@@ -29,17 +29,25 @@ CLOCK = time.perf_counter  # --clock process: CPU seconds of this process (see m
 
 def matmul_peak(runs: int) -> float:
     """fp32 matmul peak in GFLOP/s: the best of several square and encoder-like shapes, each the
-    median of its runs (a single shape under-reads the peak on a noisy shared machine)."""
+    median of its runs (a single shape under-reads the peak on a noisy shared machine), with both
+    of torch's CPU GEMMs: MKL (torch.mm) and oneDNN with a packed weight (what onepeace runs)."""
+    from onepeace.modeling.packed_linear import cpu_packing_available
+
     best = 0.0
     for m, k, n in ((2048, 2048, 2048), (2048, 768, 3072), (4096, 1536, 1536)):
         a, b = torch.randn(m, k), torch.randn(k, n)
-        torch.mm(a, b)
-        times = []
-        for _ in range(max(5, runs)):
-            t = CLOCK()
-            torch.mm(a, b)
-            times.append(CLOCK() - t)
-        best = max(best, 2 * m * k * n / statistics.median(times) / 1e9)
+        products = [lambda: torch.mm(a, b)]
+        if cpu_packing_available() and not torch.cuda.is_available():
+            packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), None)
+            products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+        for product in products:
+            product()
+            times = []
+            for _ in range(max(5, runs)):
+                t = CLOCK()
+                product()
+                times.append(CLOCK() - t)
+            best = max(best, 2 * m * k * n / statistics.median(times) / 1e9)
     return best
 
 
@@ -151,6 +159,7 @@ def main() -> None:
     cfg = fast.config.encoder
     print(f"size {args.size}: D={cfg.embed_dim} F={cfg.ffn_embed_dim} L={cfg.layers} H={cfg.attention_heads}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.0f} GFLOP/s; "
+          f"onepeace weights {'packed (oneDNN)' if fast.cpu_weights_packed else 'plain'}; "
           f"medians of {args.runs} runs, {args.clock} clock")
     header = (f"{'case':<22} {'mode':<9} {'latency':>10} {'items/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'speed-up':>9}")
     print(header)

@@ -11,12 +11,16 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module", params=["default", "fused", "reference"])
 def outputs(request, tiny_expected):
-    """The ten outputs with the default CPU path, with the fused projections, and in reference mode."""
+    """The ten outputs with the default CPU path (weights packed for oneDNN, packed rows, time-major
+    audio front end), with the fused projections, and in reference mode (plain weights)."""
     import onepeace
     from conftest import TINY_CKPT
 
-    tiny_model = onepeace.load(TINY_CKPT, fuse=request.param == "fused")
+    tiny_model = onepeace.load(TINY_CKPT, fuse=request.param == "fused", pack=request.param == "default")
     tiny_model.reference_mode = request.param == "reference"
+    from onepeace.modeling.packed_linear import cpu_packing_available
+
+    assert tiny_model.cpu_weights_packed == (request.param == "default" and cpu_packing_available())
     i = tiny_expected["inputs"]
     with torch.inference_mode():
         single = tiny_model(text=i["src_tokens"], image=i["src_images"], audio=i["src_audios"],
