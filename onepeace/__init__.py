@@ -56,7 +56,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     compile: torch.compile the shared encoder (slow first call, faster after; needs a compiler).
     pack: pack the encoder's linear weights into oneDNN's CPU layout (`OnePeaceModel.pack_cpu_weights`:
         same numbers, no extra memory, ~2.5x faster short queries). None (default) packs on CPU for
-        float32 and bfloat16 (unless `fuse`). ``model.train()`` unpacks them again.
+        float32 and bfloat16 (unless `fuse` or `compile`). ``model.train()`` unpacks them again.
     The returned model is in eval mode; `model.load_report` says what was ignored or recomputed.
     """
     from .checkpoint import CONFIG_FILE, load_converted, load_released_checkpoint
@@ -72,7 +72,10 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     fused = bool(fuse or (fuse is None and torch.device(device).type == "cuda"))
     if fused:
         model.fuse_for_inference()
-    if pack or (pack is None and not fused and torch.device(device).type == "cpu"
+    if pack and compile:
+        raise ValueError("pack=True and compile=True do not mix: torch.compile cannot trace the packed "
+                         "weights (it packs its own); pass one of them")
+    if pack or (pack is None and not fused and not compile and torch.device(device).type == "cpu"
                 and model.dtype in (torch.float32, torch.bfloat16)):
         model.pack_cpu_weights()
     if compile:

@@ -137,3 +137,13 @@ def test_audio_front_end_window_weights_follow_weight_updates():
             assert max_rel_error(block.forward_time_major(x), fast) > 1e-3
         twin = copy.deepcopy(block)
         assert max_rel_error(twin.forward_time_major(x), block.forward_time_major(x)) == 0
+
+
+def test_compile_and_packing_do_not_mix():
+    """torch.compile cannot trace the packed weights (it packs its own): compile=True loads plain
+    weights, asking for both is an error, and compiling a packed model unpacks it first."""
+    assert not onepeace.load(TINY_CKPT, compile=True).cpu_weights_packed
+    with pytest.raises(ValueError, match="pack=True and compile=True"):
+        onepeace.load(TINY_CKPT, compile=True, pack=True)
+    model = random_tiny_model().pack_cpu_weights()
+    assert not model.compile_encoder().cpu_weights_packed

@@ -113,7 +113,9 @@ class OnePeaceModel(nn.Module):
         return any(isinstance(m, PackableLinear) and m.is_packed for m in self.modules())
 
     def compile_encoder(self, **kwargs: Any) -> "OnePeaceModel":
-        """torch.compile the shared encoder in place (parameter names unchanged)."""
+        """torch.compile the shared encoder in place (parameter names unchanged). Packed CPU weights
+        are unpacked first: torch.compile cannot trace them (it packs its own)."""
+        self.unpack_cpu_weights()
         self.encoder.compile(**kwargs)
         return self
 
