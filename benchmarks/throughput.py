@@ -1,11 +1,13 @@
 """Embedding throughput: onepeace's fast path vs its `reference` mode (the plain implementation:
-eager attention with a float32 softmax, the (B, H, S, S) mask rebuilt in every layer, unfused
-projections, batches padded to the longest item), with achieved GFLOP/s of the encoder's matrix
-products and their fraction of an fp32 matmul peak measured in the same run.
+plain weights, eager attention with a float32 softmax, the (B, H, S, S) mask rebuilt in every
+layer, unfused projections, batches padded to the longest item), with achieved GFLOP/s of the
+encoder's matrix products and their fraction of a matmul peak measured in the same run, at the same
+dtype (float32 by default) on the same device.
 
     python benchmarks/throughput.py                      # base size (D=768, L=12, H=12, F=3072)
     python benchmarks/throughput.py --size 4b-layer      # the 4B layer shape (D=1536, F=6144, H=24), 2 layers
     python benchmarks/throughput.py --runs 5 --only text
+    python benchmarks/throughput.py --device cuda --dtype bfloat16 --size 4b-layer   # on a GPU
 
 Random weights (speed does not depend on them); medians of --runs runs after one warm-up.
 """
@@ -27,25 +29,36 @@ from onepeace.inference import embed_token_ids, embed_waveforms
 CLOCK = time.perf_counter  # --clock process: CPU seconds of this process (see main)
 
 
-def matmul_peak(runs: int) -> float:
-    """fp32 matmul peak in GFLOP/s: the best of several square and encoder-like shapes, each the
-    median of its runs (a single shape under-reads the peak on a noisy shared machine), with both
-    of torch's CPU GEMMs: MKL (torch.mm) and oneDNN with a packed weight (what onepeace runs)."""
-    from onepeace.modeling.packed_linear import cpu_packing_available
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(runs: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """matmul peak in GFLOP/s at `dtype` on `device`: the best of several square and encoder-like
+    shapes, each the median of its runs (a single shape under-reads the peak on a noisy shared
+    machine); on CPU with both of torch's GEMMs: MKL (torch.mm) and oneDNN with a packed weight
+    (what onepeace runs)."""
+    from onepeace.modeling.packed_linear import PACKABLE_DTYPES, cpu_packing_available
 
     best = 0.0
-    for m, k, n in ((2048, 2048, 2048), (2048, 768, 3072), (4096, 1536, 1536)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
+    shapes = ((2048, 2048, 2048), (2048, 768, 3072), (4096, 1536, 1536))
+    if device == "cuda":
+        shapes += ((8192, 8192, 8192), (16384, 1536, 6144))
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
         products = [lambda: torch.mm(a, b)]
-        if cpu_packing_available() and not torch.cuda.is_available():
+        if device == "cpu" and dtype in PACKABLE_DTYPES and cpu_packing_available():
             packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), None)
             products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
         for product in products:
             product()
+            sync(device)
             times = []
             for _ in range(max(5, runs)):
                 t = CLOCK()
                 product()
+                sync(device)
                 times.append(CLOCK() - t)
             best = max(best, 2 * m * k * n / statistics.median(times) / 1e9)
     return best
@@ -58,7 +71,7 @@ def encoder_flops(cfg: EncoderConfig, lengths: list[int]) -> float:
     return float(sum(2 * L * S * (4 * D * D + 3 * D * F + 2 * S * D) for S in lengths))
 
 
-def build(size: str) -> onepeace.OnePeaceModel:
+def build(size: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> onepeace.OnePeaceModel:
     if size == "base":
         config = get_config("one-peace-base")
         config = dataclasses.replace(config, adapters={**config.adapters, "image": dataclasses.replace(
@@ -69,17 +82,19 @@ def build(size: str) -> onepeace.OnePeaceModel:
     else:
         raise SystemExit(f"unknown size {size}")
     torch.manual_seed(0)
-    model = onepeace.create_model(config).eval()
+    model = onepeace.create_model(config, device=device, dtype=dtype).eval()
     return model
 
 
-def timed(fn, runs: int) -> float:
+def timed(fn, runs: int, device: str = "cpu") -> float:
     with torch.inference_mode():
         fn()  # warm-up
+        sync(device)
         times = []
         for _ in range(runs):
             t = CLOCK()
             fn()
+            sync(device)
             times.append(CLOCK() - t)
     return statistics.median(times)
 
@@ -95,8 +110,8 @@ def cases(model, rng):
     text_fixed = [ids(40) for _ in range(32)]
     text_mixed = [ids(int(n)) for n in rng.integers(5, 71, size=32)]
     text_one = [ids(12)]
-    image8 = torch.randn(8, 3, 256, 256)
-    image1 = torch.randn(1, 3, 256, 256)
+    image8 = torch.randn(8, 3, 256, 256, device=model.device, dtype=model.dtype)
+    image1 = torch.randn(1, 3, 256, 256, device=model.device, dtype=model.dtype)
 
     def clips(seconds):
         return [torch.as_tensor(rng.standard_normal(int(16000 * s)).astype(np.float32)) for s in seconds]
@@ -136,6 +151,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default=None, help="run only cases whose name contains this")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="compute dtype of both modes and of the peak (on a GPU: bfloat16)")
     parser.add_argument("--fuse", action="store_true", help="fused q/k/v and GeGLU projections (GPU default)")
     parser.add_argument("--no-pack", action="store_true",
                         help="keep plain weights (onepeace.load packs them into oneDNN's layout on CPU)")
@@ -148,18 +166,20 @@ def main() -> None:
         CLOCK = time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
-    peak = matmul_peak(args.runs)
-    fast = build(args.size)
-    if args.fuse:
-        fast.fuse_for_inference()
+    dtype = getattr(torch, args.dtype)
+    peak = matmul_peak(args.runs, args.device, dtype)
+    fast = build(args.size, args.device, dtype)
+    if args.fuse or args.device == "cuda":
+        fast.fuse_for_inference()  # what onepeace.load does on GPUs
     elif not args.no_pack:
         fast.pack_cpu_weights()  # what onepeace.load does on CPU
-    plain = build(args.size)
+    plain = build(args.size, args.device, dtype)
     plain.reference_mode = True
     cfg = fast.config.encoder
+    where = (torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads")
     print(f"size {args.size}: D={cfg.embed_dim} F={cfg.ffn_embed_dim} L={cfg.layers} H={cfg.attention_heads}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.0f} GFLOP/s; "
-          f"onepeace weights {'packed (oneDNN)' if fast.cpu_weights_packed else 'plain'}; "
+          f"torch {torch.__version__}, {where}; {args.dtype} matmul peak {peak:.0f} GFLOP/s; "
+          f"onepeace weights {'packed (oneDNN)' if fast.cpu_weights_packed else 'fused' if args.device == 'cuda' or args.fuse else 'plain'}; "
           f"medians of {args.runs} runs, {args.clock} clock")
     header = (f"{'case':<22} {'mode':<9} {'latency':>10} {'items/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'speed-up':>9}")
     print(header)
@@ -171,8 +191,8 @@ def main() -> None:
         if args.only and args.only not in name:
             continue
         flops = encoder_flops(cfg, lengths)
-        t_fast = timed(fn, args.runs)
-        t_plain = timed(plain_cases[name][1], args.runs)
+        t_fast = timed(fn, args.runs, args.device)
+        t_plain = timed(plain_cases[name][1], args.runs, args.device)
         for mode, t in (("onepeace", t_fast), ("reference", t_plain)):
             gflops = flops / t / 1e9
             ratio = f"{t_plain / t_fast:>8.2f}x" if mode == "onepeace" else ""
