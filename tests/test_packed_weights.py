@@ -105,6 +105,10 @@ def test_deepcopy_to_and_load_state_dict_see_dense_weights():
     assert twin.cpu_weights_packed and model.cpu_weights_packed
     with torch.inference_mode():
         assert torch.equal(twin(text=TEXT).embeddings["text"], ref)
+    same = copy.deepcopy(model).to("cpu").float()  # no conversion: stays packed
+    assert same.cpu_weights_packed
+    with torch.inference_mode():
+        assert torch.equal(same(text=TEXT).embeddings["text"], ref)
     half = copy.deepcopy(model).to(torch.bfloat16)
     assert not half.cpu_weights_packed and not half.encoder.layers[0].attn.k_proj.weight.isnan().any()
     other = random_tiny_model()

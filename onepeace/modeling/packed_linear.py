@@ -78,7 +78,13 @@ class PackableLinear(nn.Linear):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        self.unpack()  # .to(), .cuda(), .half(): convert the dense weight, not the placeholder
+        # .to(), .cuda(), .half(): convert the dense weight, not the placeholder. A conversion that
+        # keeps dtype and device (model.to("cpu"), model.float() on float32) keeps the packing.
+        if self._packed is not None:
+            w = self.weight
+            probe = fn(torch.zeros(1, dtype=w.dtype, device=w.device))
+            if not (isinstance(probe, torch.Tensor) and probe.dtype == w.dtype and probe.device == w.device):
+                self.unpack()
         return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True):
