@@ -3,6 +3,7 @@ moves, copies or trains the weights sees the dense ones."""
 from __future__ import annotations
 
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -97,14 +98,15 @@ def test_a_forward_with_gradients_unpacks_with_a_warning_and_gives_plain_gradien
     assert torch.equal(g_packed, g_plain)
 
 
-def test_deepcopy_to_and_load_state_dict_see_dense_weights():
+def test_deepcopy_pickle_to_and_load_state_dict_see_dense_weights(tmp_path):
     model = random_tiny_model().pack_cpu_weights()
     with torch.inference_mode():
         ref = model(text=TEXT).embeddings["text"]
-    twin = copy.deepcopy(model)
-    assert twin.cpu_weights_packed and model.cpu_weights_packed
-    with torch.inference_mode():
-        assert torch.equal(twin(text=TEXT).embeddings["text"], ref)
+    torch.save(model, tmp_path / "whole.pt")  # the packed tensor has no storage: pickled dense
+    for twin in (copy.deepcopy(model), torch.load(tmp_path / "whole.pt", weights_only=False)):
+        assert twin.cpu_weights_packed and model.cpu_weights_packed
+        with torch.inference_mode():
+            assert torch.equal(twin(text=TEXT).embeddings["text"], ref)
     same = copy.deepcopy(model).to("cpu").float()  # no conversion: stays packed
     assert same.cpu_weights_packed
     with torch.inference_mode():
@@ -139,8 +141,8 @@ def test_audio_front_end_window_weights_follow_weight_updates():
             change(block.conv.weight)
             assert max_rel_error(block.forward_time_major(x), conv_path()) <= 1e-5
             assert max_rel_error(block.forward_time_major(x), fast) > 1e-3
-        twin = copy.deepcopy(block)
-        assert max_rel_error(twin.forward_time_major(x), block.forward_time_major(x)) == 0
+        for twin in (copy.deepcopy(block), pickle.loads(pickle.dumps(block))):
+            assert max_rel_error(twin.forward_time_major(x), block.forward_time_major(x)) == 0
 
 
 def test_compile_and_packing_do_not_mix():

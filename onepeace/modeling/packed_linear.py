@@ -15,7 +15,6 @@ A packed layer run with gradients enabled unpacks itself (with a warning): the p
 """
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
@@ -92,19 +91,21 @@ class PackableLinear(nn.Linear):
             self.unpack()
         return super().train(mode)
 
-    def __deepcopy__(self, memo):
-        # the packed (opaque) tensor does not deep-copy: copy the dense form and pack the copy again
-        was_packed = self.is_packed
-        self.unpack()
-        cls = self.__class__
-        new = cls.__new__(cls)
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            new.__dict__[key] = copy.deepcopy(value, memo)
-        if was_packed:
+    # copy.deepcopy and pickling (torch.save(model)) see the dense weight: the packed (opaque)
+    # tensor has no storage to copy; the copy is packed again when it is restored
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self._packed is not None:
+            parameters = dict(state["_parameters"])
+            parameters["weight"] = nn.Parameter(self._packed.to_dense(), requires_grad=self.weight.requires_grad)
+            state.update(_parameters=parameters, _packed=None, _repack=True)
+        return state
+
+    def __setstate__(self, state):
+        repack = state.pop("_repack", False)
+        super().__setstate__(state)
+        if repack:
             self.pack()
-            new.pack()
-        return new
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", packed" if self._packed is not None else "")

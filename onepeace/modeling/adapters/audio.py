@@ -2,8 +2,6 @@
 (or fixed) positions, CLS with its own position, 1-D relative bias."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,13 +57,10 @@ class FeatureConvBlock(nn.Module):
             self._window_cache = cached = (key, dense)
         return cached[1]
 
-    def __deepcopy__(self, memo):  # the packed cache does not deep-copy: drop it (it is rebuilt)
-        cls = self.__class__
-        new = cls.__new__(cls)
-        memo[id(self)] = new
-        for name, value in self.__dict__.items():
-            new.__dict__[name] = None if name == "_window_cache" else copy.deepcopy(value, memo)
-        return new
+    def __getstate__(self):  # deepcopy / pickling: the packed cache has no storage; it is rebuilt
+        state = dict(self.__dict__)
+        state.pop("_window_cache", None)
+        return state
 
 
 def _window_product(cols: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
