@@ -153,3 +153,15 @@ def test_compile_and_packing_do_not_mix():
         onepeace.load(TINY_CKPT, compile=True, pack=True)
     model = random_tiny_model().pack_cpu_weights()
     assert not model.compile_encoder().cpu_weights_packed
+
+
+def test_fusing_a_packed_model_uses_the_dense_weights():
+    """fuse_for_inference concatenates q/k/v and the GeGLU inputs: it must see weights, not placeholders."""
+    model = random_tiny_model()
+    with torch.inference_mode():
+        ref = model(text=TEXT).embeddings["text"]
+    model.pack_cpu_weights().fuse_for_inference()
+    attn = model.encoder.layers[0].attn
+    assert not attn.q_proj.is_packed and not attn._qkv_weight.isnan().any()
+    with torch.inference_mode():
+        assert max_rel_error(model(text=TEXT).embeddings["text"], ref) <= 1e-5

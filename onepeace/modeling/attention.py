@@ -54,7 +54,10 @@ class SelfAttention(nn.Module):
     def fuse_projections(self) -> None:
         """Make q/k/v weights views into ONE (3D, D) tensor, so inference does one matmul instead of
         three (no extra memory: the parameters share the fused storage). Training (grad enabled)
-        still uses the three Linear layers, whose in-place updates also update the fused tensor."""
+        still uses the three Linear layers, whose in-place updates also update the fused tensor.
+        Packed CPU weights are unpacked first (fusing concatenates the dense weights)."""
+        for projection in (self.q_proj, self.k_proj, self.v_proj):
+            projection.unpack()
         with torch.no_grad():
             fused = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], dim=0)
             D = self.q_proj.weight.shape[0]

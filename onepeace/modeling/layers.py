@@ -43,6 +43,8 @@ class GeGLUFeedForward(nn.Module):
 
     def fuse_projections(self) -> None:
         """wi_0 / wi_1 as views into one (2F, D) tensor: one matmul at inference (see SelfAttention)."""
+        self.wi_0.unpack()
+        self.wi_1.unpack()
         with torch.no_grad():
             fused = torch.cat([self.wi_0.weight, self.wi_1.weight], dim=0)
             F_ = self.wi_0.weight.shape[0]
