@@ -40,7 +40,7 @@ def matmul_peak(runs: int, device: str = "cpu", dtype: torch.dtype = torch.float
     shapes, each the median of its runs (a single shape under-reads the peak on a noisy shared
     machine); on CPU with both of torch's GEMMs: MKL (torch.mm) and oneDNN with a packed weight
     (what onepeace runs)."""
-    from onepeace.modeling.packed_linear import PACKABLE_DTYPES, cpu_packing_available
+    from onepeace.modeling.packed_linear import linear, pack_weight, packable
 
     best = 0.0
     shapes = ((2048, 2048, 2048), (2048, 768, 3072), (4096, 1536, 1536))
@@ -49,9 +49,9 @@ def matmul_peak(runs: int, device: str = "cpu", dtype: torch.dtype = torch.float
     for m, k, n in shapes:
         a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
         products = [lambda: torch.mm(a, b)]
-        if device == "cpu" and dtype in PACKABLE_DTYPES and cpu_packing_available():
-            packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), None)
-            products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+        if packable(b):
+            packed = pack_weight(b.t().contiguous())
+            products.append(lambda: linear(a, packed))
         for product in products:
             product()
             sync(device)

@@ -75,9 +75,8 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     if pack and compile:
         raise ValueError("pack=True and compile=True do not mix: torch.compile cannot trace the packed "
                          "weights (it packs its own); pass one of them")
-    if pack or (pack is None and not fused and not compile and torch.device(device).type == "cpu"
-                and model.dtype in (torch.float32, torch.bfloat16)):
-        model.pack_cpu_weights()
+    if pack or (pack is None and not fused and not compile):
+        model.pack_cpu_weights()  # a no-op where oneDNN cannot pack (GPU, float16)
     if compile:
         model.compile_encoder()
     return model

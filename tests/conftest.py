@@ -56,6 +56,15 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor, padding_mask: to
     return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
 
 
+def fixture_embedding_errors(model, expected) -> dict[str, float]:
+    """max_rel_error of the text/image/audio embeddings of one pass over the official-tiny inputs."""
+    i = expected["inputs"]
+    with torch.inference_mode():
+        out = model(text=i["src_tokens"], image=i["src_images"], audio=i["src_audios"],
+                    audio_padding_mask=i["audio_padding_masks"])
+    return {m: max_rel_error(out.embeddings[m], expected["outputs"][f"{m}_embed"]) for m in ("text", "image", "audio")}
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """random_tiny_model() saved as a converted folder (what `onepeace index --model` takes)."""

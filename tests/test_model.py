@@ -91,16 +91,11 @@ def test_encode_api_from_raw_inputs(tiny_random):
 
 
 def test_bfloat16_compute(tiny_expected):
-    from conftest import TINY_CKPT, max_rel_error
+    from conftest import TINY_CKPT, fixture_embedding_errors
 
     model = onepeace.load(TINY_CKPT, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
-    i = tiny_expected["inputs"]
-    with torch.no_grad():
-        out = model(text=i["src_tokens"], image=i["src_images"], audio=i["src_audios"],
-                    audio_padding_mask=i["audio_padding_masks"])
-    for m in ("text", "image", "audio"):
-        err = max_rel_error(out.embeddings[m], tiny_expected["outputs"][f"{m}_embed"])
+    for m, err in fixture_embedding_errors(model, tiny_expected).items():
         print(f"bf16 {m}_embed max rel error {err:.2e}")
         assert err < 0.1
 

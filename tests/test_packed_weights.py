@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import onepeace
-from conftest import TINY_CKPT, max_rel_error, random_tiny_model
+from conftest import TINY_CKPT, fixture_embedding_errors, max_rel_error, random_tiny_model
 from onepeace.modeling import layers as layers_module
 from onepeace.modeling.packed_linear import PackableLinear, cpu_packing_available
 
@@ -27,12 +27,7 @@ def test_load_packs_on_cpu_and_the_fixture_still_matches(tiny_expected):
     packed, plain = onepeace.load(TINY_CKPT), onepeace.load(TINY_CKPT, pack=False)
     assert packed.cpu_weights_packed and not plain.cpu_weights_packed
     assert all(m.is_packed for m in packable(packed))
-    i = tiny_expected["inputs"]
-    with torch.inference_mode():
-        out = packed(text=i["src_tokens"], image=i["src_images"], audio=i["src_audios"],
-                     audio_padding_mask=i["audio_padding_masks"])
-    for m in ("text", "image", "audio"):
-        err = max_rel_error(out.embeddings[m], tiny_expected["outputs"][f"{m}_embed"])
+    for m, err in fixture_embedding_errors(packed, tiny_expected).items():
         print(f"packed weights {m}_embed vs fixture: {err:.1e}")
         assert err <= 1e-5
 

@@ -64,7 +64,7 @@ class GeGLUFeedForward(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
         fused = self._fused_wi()
-        if self.wi_0.is_packed and self.wi_1.is_packed and not torch.is_grad_enabled():  # CPU inference: GELU and product inside the GEMMs
+        if self.wi_0.is_packed and self.wi_1.is_packed:  # CPU inference: GELU and product inside the GEMMs
             hidden = packed_linear_mul(self.wi_1, h, packed_linear(self.wi_0, h, activation="gelu"))
         elif fused is not None:
             gate, up = F.linear(h, fused).chunk(2, dim=-1)

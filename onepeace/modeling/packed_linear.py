@@ -32,6 +32,23 @@ def cpu_packing_available() -> bool:
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def packable(weight: torch.Tensor) -> bool:
+    """oneDNN can pack this (out, in) weight: on CPU, float32 or bfloat16, in a build with the ops."""
+    return weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES and cpu_packing_available()
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in) dense -> oneDNN's blocked layout (lossless; ``.to_dense()`` gives it back)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a dense or a packed (`pack_weight`) weight; the packed one has no backward."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 class PackableLinear(nn.Linear):
     """``nn.Linear`` (same parameters, same state-dict keys) with an optional packed CPU weight."""
 
@@ -46,10 +63,10 @@ class PackableLinear(nn.Linear):
         if self._packed is not None:
             return True
         w = self.weight
-        if w.device.type != "cpu" or w.dtype not in PACKABLE_DTYPES or not cpu_packing_available():
+        if not packable(w):
             return False
         with torch.no_grad():
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+            self._packed = pack_weight(w.detach())
             # same Parameter object; its dense storage is released (the placeholder is 1 element)
             w.data = torch.full((), float("nan"), dtype=w.dtype).expand(w.shape)
         return True
@@ -133,7 +150,7 @@ def packed_linear(layer: PackableLinear, x: torch.Tensor, activation: str = "non
         return F.gelu(y) if activation == "gelu" else y
     if activation == "gelu":
         return torch.ops.mkldnn._linear_pointwise(x, layer._packed, layer.bias, "gelu", [], "none")
-    return torch.ops.mkldnn._linear_pointwise(x, layer._packed, layer.bias, "none", [], "")
+    return linear(x, layer._packed, layer.bias)
 
 
 def packed_linear_mul(layer: PackableLinear, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

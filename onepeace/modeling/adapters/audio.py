@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import AudioAdapterConfig
-from ..packed_linear import PACKABLE_DTYPES, cpu_packing_available
+from ..packed_linear import linear, pack_weight, packable
 from ..relative_position import bucket_index_1d
 from .base import Adapter, AdapterOutput
 
@@ -38,7 +38,7 @@ class FeatureConvBlock(nn.Module):
         else:
             x = x.contiguous()
             cols = x.as_strided((B, steps, kernel * C), (N * C, stride * C, 1))  # (B, N', k C_in), a view
-            y = _window_product(cols, self._window_weight())
+            y = linear(cols, self._window_weight())
         if self.conv.bias is not None:
             y.add_(self.conv.bias)
         return F.gelu(self.norm(y))
@@ -52,21 +52,14 @@ class FeatureConvBlock(nn.Module):
         if cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
                 dense = w.detach().permute(0, 2, 1).reshape(w.shape[0], -1).contiguous()
-                if w.device.type == "cpu" and w.dtype in PACKABLE_DTYPES and cpu_packing_available():
-                    dense = torch.ops.mkldnn._reorder_linear_weight(dense, None)
-            self._window_cache = cached = (key, dense)
+                window_weight = pack_weight(dense) if packable(dense) else dense
+            self._window_cache = cached = (key, window_weight)
         return cached[1]
 
     def __getstate__(self):  # deepcopy / pickling: the packed cache has no storage; it is rebuilt
         state = dict(self.__dict__)
         state.pop("_window_cache", None)
         return state
-
-
-def _window_product(cols: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(cols, weight, None, "none", [], "")
-    return F.linear(cols, weight)
 
 
 class ConvPositionalEmbedding(nn.Module):
