@@ -18,21 +18,20 @@ cached, so captions that reuse words cost a dictionary lookup per word.
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import os
 import pathlib
-import tempfile
-import urllib.request
 from collections.abc import Iterable, Sequence
 
 import regex
 import torch
 
-__all__ = ["Tokenizer", "resolve_bpe_dir", "get_tokenizer", "BPE_FILES", "BPE_URL"]
+__all__ = ["Tokenizer", "resolve_bpe_dir", "get_tokenizer", "packaged_bpe_dir", "BPE_FILES", "BPE_URL"]
 
 #: The three files a BPE directory must hold.
 BPE_FILES: tuple[str, ...] = ("encoder.json", "vocab.bpe", "dict.txt")
-#: Where the official repository keeps them (``{name}`` is one of :data:`BPE_FILES`).
+#: Where the official repository keeps them (the source of the packaged copies; ``{name}`` is one of :data:`BPE_FILES`).
 BPE_URL = "https://raw.githubusercontent.com/OFA-Sys/ONE-PEACE/main/one_peace/utils/BPE/{name}"
 
 # GPT-2's pre-tokenisation: contractions, letter runs, digit runs and other-symbol runs, each with
@@ -108,12 +107,12 @@ class Tokenizer:
         self.max_length = int(max_length)
 
         # GPT-2 token string <-> GPT-2 id.
-        with open(self.bpe_dir / "encoder.json", encoding="utf-8") as f:
+        with _open_text(self.bpe_dir, "encoder.json") as f:
             self._encoder: dict[str, int] = json.load(f)
         self._decoder: dict[int, str] = {i: s for s, i in self._encoder.items()}
 
         # Merge ranks: line k (after the '#version' header) is the k-th merge to apply.
-        with open(self.bpe_dir / "vocab.bpe", encoding="utf-8") as f:
+        with _open_text(self.bpe_dir, "vocab.bpe") as f:
             lines = f.read().split("\n")
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         self._ranks: dict[tuple[str, str], int] = {m: r for r, m in enumerate(merges) if len(m) == 2}
@@ -124,7 +123,7 @@ class Tokenizer:
         # fairseq dictionary: specials first, then one symbol per line of dict.txt.
         self._symbols: list[str] = list(_SPECIALS)
         self._indices: dict[str, int] = {s: i for i, s in enumerate(_SPECIALS)}
-        with open(self.bpe_dir / "dict.txt", encoding="utf-8") as f:
+        with _open_text(self.bpe_dir, "dict.txt") as f:
             for lineno, line in enumerate(f):
                 line = line.rstrip("\r\n")
                 if not line:
@@ -303,7 +302,16 @@ class Tokenizer:
 
 
 def _missing_files(folder: pathlib.Path) -> list[str]:
-    return [name for name in BPE_FILES if not (folder / name).is_file()]
+    """Names of :data:`BPE_FILES` that `folder` holds neither plainly nor gzip-compressed (``name.gz``)."""
+    return [name for name in BPE_FILES if not ((folder / name).is_file() or (folder / f"{name}.gz").is_file())]
+
+
+def _open_text(folder: pathlib.Path, name: str):
+    """Open ``folder/name`` as UTF-8 text, or ``folder/name.gz`` (the packaged copies are compressed)."""
+    plain = folder / name
+    if plain.is_file():
+        return open(plain, encoding="utf-8")
+    return gzip.open(folder / f"{name}.gz", "rt", encoding="utf-8")
 
 
 def _check_bpe_dir(folder: pathlib.Path, source: str = "bpe_dir") -> None:
@@ -312,46 +320,25 @@ def _check_bpe_dir(folder: pathlib.Path, source: str = "bpe_dir") -> None:
     if missing:
         raise FileNotFoundError(
             f"BPE directory {str(folder)!r} (from {source}) is missing {', '.join(missing)}; "
-            f"it must contain {', '.join(BPE_FILES)}"
+            f"it must contain {', '.join(BPE_FILES)} (plain or .gz)"
         )
 
 
-def _download_file(url: str, dest: pathlib.Path, timeout: float = 10.0) -> None:
-    """Download ``url`` to ``dest`` atomically (temp file in the same folder, then rename).
-
-    Writing to a temp file first means an interrupted download never leaves a truncated file
-    that a later run would take for a complete one.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            while chunk := resp.read(1 << 16):
-                out.write(chunk)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _cache_dir() -> pathlib.Path:
-    root = os.environ.get("ONEPEACE_CACHE") or "~/.cache/onepeace"
-    return pathlib.Path(root).expanduser() / "bpe"
+def packaged_bpe_dir() -> pathlib.Path:
+    """The released tokenizer files shipped inside the package (gzip-compressed, with their licence
+    notes in ``NOTICE.md``): ``onepeace/tokenizer_files``."""
+    return pathlib.Path(__file__).resolve().parent / "tokenizer_files"
 
 
 def resolve_bpe_dir(bpe_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """Find the folder holding ``encoder.json``, ``vocab.bpe`` and ``dict.txt``.
+    """Find the folder holding ``encoder.json``, ``vocab.bpe`` and ``dict.txt`` (plain or ``.gz``).
 
-    Order: the explicit ``bpe_dir``; else the environment variable ``ONEPEACE_BPE_DIR``; else
-    ``${ONEPEACE_CACHE:-~/.cache/onepeace}/bpe``, downloading missing files there from the
-    official ONE-PEACE repository.
+    Order: the explicit ``bpe_dir``; else the environment variable ``ONEPEACE_BPE_DIR``; else the
+    copies shipped with the package (:func:`packaged_bpe_dir`), so no setup or network is needed.
 
     Raises:
-        FileNotFoundError: an explicit or environment folder lacks a file, or the cache is
-            incomplete and the download failed (e.g. offline).
+        FileNotFoundError: the chosen folder lacks a file (the message names it and where the
+            folder came from).
     """
     if bpe_dir is not None:
         folder = pathlib.Path(bpe_dir).expanduser()
@@ -364,20 +351,10 @@ def resolve_bpe_dir(bpe_dir: str | os.PathLike | None = None) -> pathlib.Path:
         _check_bpe_dir(folder, "ONEPEACE_BPE_DIR")
         return folder.resolve()
 
-    folder = _cache_dir()
-    missing = _missing_files(folder)
-    if missing:
-        try:
-            for name in missing:
-                _download_file(BPE_URL.format(name=name), folder / name)
-        except Exception as err:  # offline, HTTP error, unwritable cache: all mean "not found"
-            raise FileNotFoundError(
-                f"BPE files not found: looked for {', '.join(missing)} in {str(folder)!r} and could "
-                f"not download them from {BPE_URL.format(name='...')} ({type(err).__name__}: {err}). "
-                f"Pass bpe_dir= or set ONEPEACE_BPE_DIR to a folder containing "
-                f"{', '.join(BPE_FILES)}."
-            ) from err
-    return folder.resolve()
+    folder = packaged_bpe_dir()
+    _check_bpe_dir(folder, "the onepeace package (a broken install? reinstall onepeace, or pass bpe_dir= "
+                           "or set ONEPEACE_BPE_DIR)")
+    return folder
 
 
 @functools.lru_cache(maxsize=8)

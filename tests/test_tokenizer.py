@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from onepeace import tokenizer as tokenizer_module
-from onepeace.tokenizer import BPE_FILES, Tokenizer, get_tokenizer, resolve_bpe_dir
+from onepeace.tokenizer import BPE_FILES, Tokenizer, get_tokenizer, packaged_bpe_dir, resolve_bpe_dir
 
 from conftest import BPE_DIR, FIXTURES, require
 
@@ -172,41 +171,39 @@ def test_env_var_respected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert "vocab.bpe" in str(info.value) and "ONEPEACE_BPE_DIR" in str(info.value)
 
 
-def test_offline_cache_miss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def offline(url, dest, timeout=10.0):
-        raise OSError("network is unreachable")
+def test_packaged_files_are_the_released_ones() -> None:
+    """The gzip copies shipped in the package decompress to exactly the released files."""
+    import gzip
 
-    monkeypatch.setattr(tokenizer_module, "_download_file", offline)
-    monkeypatch.setenv("ONEPEACE_CACHE", str(tmp_path))
+    packaged = packaged_bpe_dir()
+    for name in BPE_FILES:
+        shipped = gzip.decompress((packaged / f"{name}.gz").read_bytes())
+        assert shipped == require(BPE_DIR / name).read_bytes(), name
+    assert "MIT" in (packaged / "NOTICE.md").read_text()
+
+
+def test_packaged_default_needs_no_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No argument and no environment variable: the packaged files, giving the released ids on
+    every shared tokenizer case (the same ids as the tokenizer on ../shared/official-bpe)."""
     monkeypatch.delenv("ONEPEACE_BPE_DIR", raising=False)
-    with pytest.raises(FileNotFoundError) as info:
-        resolve_bpe_dir()
-    message = str(info.value)
-    assert "ONEPEACE_BPE_DIR" in message and "bpe_dir=" in message
-    assert str(tmp_path / "bpe") in message
-    assert all(name in message for name in BPE_FILES)
+    assert resolve_bpe_dir() == packaged_bpe_dir()
+    packaged, shared = get_tokenizer(), Tokenizer(require(BPE_DIR))
+    assert packaged.bpe_dir == packaged_bpe_dir() and packaged.vocab_size == shared.vocab_size
+    assert len(CASES) > 10
+    for case in CASES:
+        assert packaged.encode(case["text"]) == shared.encode(case["text"]) == case["ids"], case["text"]
 
 
-def test_cache_download_and_hit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[str, Path]] = []
+def test_gzip_folder_is_a_bpe_dir(tmp_path: Path) -> None:
+    """A folder of .gz copies (as shipped) works as an explicit bpe_dir too; a missing one is named."""
+    import gzip
 
-    def fake_download(url, dest, timeout=10.0):
-        calls.append((url, Path(dest)))
-        Path(dest).parent.mkdir(parents=True, exist_ok=True)
-        Path(dest).write_text("stub")
-
-    monkeypatch.setattr(tokenizer_module, "_download_file", fake_download)
-    monkeypatch.setenv("ONEPEACE_CACHE", str(tmp_path))
-    monkeypatch.delenv("ONEPEACE_BPE_DIR", raising=False)
-    cache = tmp_path / "bpe"
-    assert resolve_bpe_dir() == cache.resolve()
-    assert [dest.name for _, dest in calls] == list(BPE_FILES)
-    assert all(url.startswith("https://raw.githubusercontent.com/OFA-Sys/ONE-PEACE/")
-               and url.endswith("/" + dest.name) for url, dest in calls)
-    # Second call: everything is cached, nothing is downloaded.
-    calls.clear()
-    assert resolve_bpe_dir() == cache.resolve()
-    assert calls == []
+    for name in BPE_FILES:
+        (tmp_path / f"{name}.gz").write_bytes(gzip.compress(require(BPE_DIR / name).read_bytes()))
+    assert Tokenizer(tmp_path).encode("a dog") == Tokenizer(BPE_DIR).encode("a dog")
+    (tmp_path / "vocab.bpe.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="vocab.bpe"):
+        resolve_bpe_dir(tmp_path)
 
 
 @needs_bpe
