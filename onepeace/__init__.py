@@ -45,7 +45,9 @@ def create_model(name_or_config: str | ModelConfig, device: torch.device | str =
 def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32,
          modalities: Sequence[str] | None = None, allow_unsafe_pickle: bool = False, fuse: bool | None = None,
          compile: bool = False, pack: bool | None = None) -> OnePeaceModel:
-    """Load a released ONE-PEACE `.pt` checkpoint or a folder written by `onepeace convert`.
+    """Load a released ONE-PEACE `.pt` checkpoint, a folder written by `onepeace convert`, or a released
+    checkpoint by name (see :func:`list_pretrained`: "one-peace" is the 4B model), fetched into
+    ``${ONEPEACE_CACHE:-~/.cache/onepeace}`` and converted once on first use.
 
     dtype: compute dtype (float32, float16, bfloat16; None keeps the stored dtype).
     modalities: load only these branches, e.g. ("text", "image"); other tensors are never read.
@@ -61,6 +63,11 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     """
     from .checkpoint import CONFIG_FILE, load_converted, load_released_checkpoint
 
+    if isinstance(path, str) and not Path(path).exists():
+        from .hub import PRETRAINED, resolve
+
+        if path in PRETRAINED:  # a released checkpoint by name: downloaded, checked, converted once
+            path = resolve(path)
     path = Path(path)
     if path.is_dir():
         if not (path / CONFIG_FILE).exists():
@@ -82,6 +89,13 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     return model
 
 
+def list_pretrained():
+    """Every released checkpoint: name, task, modalities, size where published, URL (:mod:`onepeace.hub`)."""
+    from .hub import list_pretrained as _list
+
+    return _list()
+
+
 def get_tokenizer(bpe_dir: str | os.PathLike | None = None, max_length: int = 70):
     """The released GPT-2 BPE + dictionary tokenizer (see :mod:`onepeace.tokenizer`)."""
     from .tokenizer import get_tokenizer as _get
@@ -90,4 +104,4 @@ def get_tokenizer(bpe_dir: str | os.PathLike | None = None, max_length: int = 70
 
 
 __all__ = ["ModelConfig", "ModelOutput", "OnePeaceModel", "create_model", "get_config", "get_tokenizer",
-           "list_modalities", "list_models", "load"]
+           "list_modalities", "list_models", "list_pretrained", "load"]
