@@ -32,6 +32,8 @@ Embed = Callable[[Any, Sequence[torch.Tensor], int], torch.Tensor]
 # encode(model, raw items, batch_size, **options) -> (N, D): an optional whole raw-item path with
 # options of its own (audio: long_audio="windows"); without it, transform + embed (or collate)
 Encode = Callable[..., torch.Tensor]
+# example(model, n) -> forward keyword arguments of n random but valid items (smoke tests, benchmarks)
+Example = Callable[[Any, int], dict[str, torch.Tensor]]
 
 BUNDLED_PACKAGE = "onepeace.modalities"
 
@@ -51,6 +53,7 @@ class Modality:
     encode: Encode | None = None
     suffixes: frozenset[str] = frozenset()  # lower-case file suffixes that hold items of this kind
     batch_size: int = 16  # default items per batch of batch jobs (CLI embed, index build)
+    example: Example | None = None
 
 
 MODALITIES: dict[str, Modality] = {}  # kind -> record, in registration order
@@ -58,7 +61,8 @@ MODALITIES: dict[str, Modality] = {}  # kind -> record, in registration order
 
 def register_modality(kind: str, config_cls: type, adapter_cls: type, transform: TransformFactory | None = None,
                       collate: Collate | None = None, embed: Embed | None = None, *, encode: Encode | None = None,
-                      suffixes: Sequence[str] = (), batch_size: int = 16) -> Modality:
+                      suffixes: Sequence[str] = (), batch_size: int = 16, example: Example | None = None
+                      ) -> Modality:
     """Make `kind` usable in model configs (its adapter, config class, preprocessing and collate).
 
     Registering the same classes again (a module re-imported) is allowed; another class under a
@@ -83,7 +87,7 @@ def register_modality(kind: str, config_cls: type, adapter_cls: type, transform:
         raise ValueError(f"suffixes {clash} of {kind!r} already belong to {sorted({taken[s] for s in clash})}")
     config_cls.kind = kind
     MODALITIES[kind] = Modality(kind, config_cls, adapter_cls, transform, collate, embed, encode,
-                                frozenset(suffixes), batch_size)
+                                frozenset(suffixes), batch_size, example)
     return MODALITIES[kind]
 
 

@@ -195,5 +195,12 @@ def audio_window_starts(n_samples: int, window: int, hop: int) -> list[int]:
     return starts
 
 
+def example_audios(model, n: int) -> dict[str, torch.Tensor]:
+    """n random clips of 1 s and shorter (so a batch has padding), prepared as the transform would."""
+    rate = model.config.adapters["audio"].sample_rate
+    waves = [torch.randn(rate - (i % 2) * rate // 4) for i in range(n)]
+    return collate_audios(model, [(w - w.mean()) / w.std() for w in waves])
+
+
 register_modality("audio", AudioAdapterConfig, AudioAdapter, audio_transform, collate_audios, embed_waveforms,
-                  encode=encode_audios, suffixes=AUDIO_EXTENSIONS, batch_size=8)
+                  encode=encode_audios, suffixes=AUDIO_EXTENSIONS, batch_size=8, example=example_audios)

@@ -79,5 +79,11 @@ def collate_images(model, items: Sequence[torch.Tensor]) -> dict[str, torch.Tens
     return {"image": torch.stack(list(items))}
 
 
+def example_images(model, n: int) -> dict[str, torch.Tensor]:
+    """n random normalised images at this model's side."""
+    side = model.config.adapters["image"].image_size
+    return collate_images(model, list(torch.randn(n, 3, side, side)))
+
+
 register_modality("image", ImageAdapterConfig, ImageAdapter, image_transform, collate_images,
-                  suffixes=IMAGE_EXTENSIONS, batch_size=32)
+                  suffixes=IMAGE_EXTENSIONS, batch_size=32, example=example_images)

@@ -85,6 +85,13 @@ def embed_token_ids(model, ids: Sequence[Sequence[int]], batch_size: int = 64, m
     return collect_embeddings(model, len(ids), run())
 
 
+def example_texts(model, n: int) -> dict[str, torch.Tensor]:
+    """n random texts of different lengths (ids below the vocabulary, ending in </s> = 2), padded."""
+    vocab = model.config.adapters["text"].vocab_size
+    lengths = [max(2, 12 - 3 * (i % 4)) for i in range(n)]
+    return collate_texts(model, [torch.cat([torch.randint(4, vocab, (k - 1,)), torch.tensor([2])]) for k in lengths])
+
+
 def _embed_texts(model, items: Sequence[torch.Tensor], batch_size: int) -> torch.Tensor:
     return embed_token_ids(model, [t.tolist() for t in items], batch_size)
 
@@ -95,4 +102,4 @@ def encode_texts(model, texts: Sequence[str], batch_size: int = 64, max_tokens: 
 
 
 register_modality("text", TextAdapterConfig, TextAdapter, text_transform, collate_texts, _embed_texts,
-                  encode=encode_texts, suffixes=TEXT_EXTENSIONS, batch_size=64)
+                  encode=encode_texts, suffixes=TEXT_EXTENSIONS, batch_size=64, example=example_texts)

@@ -99,6 +99,7 @@ class AudioAdapter(Adapter):
         # when conv_pos_pre_ln is set: see `released_names` below
         (r"^mask_token$", "mask_embedding"),
     ]
+    UNUSED_IN_FORWARD = ("mask_token",)
 
     # cfg: AudioAdapterConfig (onepeace/modalities/audio.py; not imported here: modeling sits below the plugins)
     def __init__(self, cfg: AdapterConfig, embed_dim: int, num_heads: int, num_rel_tables: int = 1):
