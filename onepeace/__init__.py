@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from . import modalities  # noqa: F401  (registers the bundled modalities: text, image, audio, video)
+from . import modalities as _bundled  # noqa: F401  (registers the bundled modalities: text, image, audio, video)
 from .config import ModelConfig
 from .modeling.model import ModelOutput, OnePeaceModel
 from .registry import list_modalities
