@@ -222,3 +222,30 @@ def test_cli_embeds_clips_with_as_video(tmp_path, capsys):
     expected = model.encode_items("video", clips)
     assert list(saved["modalities"]) == ["video", "video"] and list(saved["failed_files"]) == [str(tmp_path / "missing.gif")]
     assert np.allclose(saved["embeddings"], expected.numpy(), atol=1e-5)
+
+
+def test_file_suffixes_come_from_the_registry():
+    from onepeace.registry import file_modalities, modality_for_path
+
+    assert modality_for_path("a/B.JPG") == "image" and modality_for_path("x.flac") == "audio"
+    assert modality_for_path("notes.txt") == "text" and modality_for_path("m.jsonl") == "text"
+    assert modality_for_path("clip.xyz") is None and modality_for_path("README") is None
+    assert file_modalities() == ("image", "audio", "text")  # registration order; video registers none
+    with pytest.raises(ValueError, match=r"\['\.png'\] of 'video' already belong to \['image'\]"):
+        register_modality("video", VideoAdapterConfig, VideoAdapter, suffixes=(".png",))
+    assert get_modality("video").suffixes == frozenset()  # the refused registration changed nothing
+
+
+def test_registry_is_a_leaf_and_the_builtins_have_the_plugin_shape():
+    import ast
+
+    import onepeace.registry as registry
+
+    tree = ast.parse(Path(registry.__file__).read_text())
+    imported = ["." * n.level + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.startswith("onepeace") or m.startswith(".")], imported
+    for kind in ("text", "image", "audio", "video"):
+        spec = get_modality(kind)
+        assert spec.config_cls.__module__ == spec.transform.__module__ == f"onepeace.modalities.{kind}"
+        assert spec.collate is not None and spec.example is not None and spec.config_cls.kind == kind

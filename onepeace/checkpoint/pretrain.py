@@ -11,7 +11,7 @@ import torch
 
 from ..serialization import read_checkpoint
 from .key_map import CheckpointError, LoadReport, released_key_map
-from .released import _assign, _find_placeholders, _plain, _take_tensors
+from .released import assign_tensors, find_placeholders, plain_cfg, take_tensors
 from .released_config import config_from_released, released_cfg
 
 DECODER_PREFIX = "decoder_wrapper."
@@ -42,7 +42,7 @@ def load_pretrain_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | No
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     obj, archive = read_checkpoint(path, allow_unsafe=allow_unsafe)
     try:
-        cfg = _plain(obj.get("cfg")) or {}
+        cfg = plain_cfg(obj.get("cfg")) or {}
         state = obj["model"]
         if not any(k.startswith(DECODER_PREFIX) for k in state):
             raise CheckpointError(f"{path!r} has no denoising decoder ({DECODER_PREFIX}*): not a pretraining "
@@ -53,12 +53,12 @@ def load_pretrain_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | No
                                                       name=Path(path).stem + "-decoder")
         for note in notes + [f"decoder: {n}" for n in dnotes]:
             warnings.warn(f"{path}: {note}", stacklevel=2)
-        report = LoadReport(path=path, config_notes=notes + dnotes, placeholders=_find_placeholders(obj))
+        report = LoadReport(path=path, config_notes=notes + dnotes, placeholders=find_placeholders(obj))
         with torch.device("meta"):
             pm = OnePeacePretrainModel(PretrainConfig(model=model_config, decoder=decoder_config))
         key_map = pretrain_key_map(pm)
-        tensors = _take_tensors(state, key_map, model_config.modalities, model_config.modalities, report, True, path)
-        _assign(pm, tensors, dtype, device, path)
+        tensors = take_tensors(state, key_map, model_config.modalities, model_config.modalities, report, True, path)
+        assign_tensors(pm, tensors, dtype, device, path)
     finally:
         archive.close()
     pm.load_report = report

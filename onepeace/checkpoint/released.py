@@ -44,13 +44,13 @@ def load_released_checkpoint(path: str | os.PathLike, *, modalities: Sequence[st
     try:
         if not isinstance(obj, Mapping) or "model" not in obj:
             raise CheckpointError(f"{path!r} is not a ONE-PEACE checkpoint: no 'model' state dict in it")
-        cfg = _plain(obj.get("cfg"))
+        cfg = plain_cfg(obj.get("cfg"))
         state: Mapping[str, Any] = obj["model"]
         config, notes = config_from_released(cfg, state, name=Path(path).stem)
         for note in notes:
             warnings.warn(f"{path}: {note}", stacklevel=2)
         report = LoadReport(path=path, config_notes=notes)
-        report.placeholders = _find_placeholders(obj)
+        report.placeholders = find_placeholders(obj)
         for t in state.values():
             if hasattr(t, "dtype"):
                 key = str(t.dtype).replace("torch.", "")
@@ -61,8 +61,8 @@ def load_released_checkpoint(path: str | os.PathLike, *, modalities: Sequence[st
         with torch.device("meta"):
             model = OnePeaceModel(config)
         key_map = released_key_map(model)
-        tensors = _take_tensors(state, key_map, all_modalities, config.modalities, report, strict, path)
-        _assign(model, tensors, dtype, device, path)
+        tensors = take_tensors(state, key_map, all_modalities, config.modalities, report, strict, path)
+        assign_tensors(model, tensors, dtype, device, path)
     finally:
         archive.close()
     model.eval()
@@ -70,37 +70,37 @@ def load_released_checkpoint(path: str | os.PathLike, *, modalities: Sequence[st
     return model, report
 
 
-def _plain(obj: Any) -> Any:
+def plain_cfg(obj: Any) -> Any:
     """cfg objects as plain dicts (an omegaconf DictConfig in some files arrives as a placeholder)."""
     if isinstance(obj, Placeholder):
         state = obj.state
         if isinstance(state, dict) and "_content" in state:
-            return _plain(state["_content"])
-        return _plain(state)
+            return plain_cfg(state["_content"])
+        return plain_cfg(state)
     if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: plain_cfg(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_plain(v) for v in obj]
+        return [plain_cfg(v) for v in obj]
     return obj
 
 
-def _find_placeholders(obj: Any, depth: int = 0) -> list[str]:
+def find_placeholders(obj: Any, depth: int = 0) -> list[str]:
     found: list[str] = []
     if depth > 20:
         return found
     if isinstance(obj, Placeholder):
         found.append(type(obj).qualified_name)
-        found += _find_placeholders(obj.state, depth + 1)
+        found += find_placeholders(obj.state, depth + 1)
     elif isinstance(obj, Mapping):
         for v in obj.values():
-            found += _find_placeholders(v, depth + 1)
+            found += find_placeholders(v, depth + 1)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            found += _find_placeholders(v, depth + 1)
+            found += find_placeholders(v, depth + 1)
     return found
 
 
-def _take_tensors(state: Mapping[str, Any], key_map: dict[str, str], all_modalities: Sequence[str],
+def take_tensors(state: Mapping[str, Any], key_map: dict[str, str], all_modalities: Sequence[str],
                   wanted: Sequence[str], report: LoadReport, strict: bool, path: str) -> dict[str, Any]:
     """Match file keys to parameters; raise on missing/unexpected; report what is ignored."""
     by_released = {v: k for k, v in key_map.items()}
@@ -134,7 +134,7 @@ def _take_tensors(state: Mapping[str, Any], key_map: dict[str, str], all_modalit
     return tensors
 
 
-def _assign(model: torch.nn.Module, tensors: Mapping[str, Any], dtype: torch.dtype | None,
+def assign_tensors(model: torch.nn.Module, tensors: Mapping[str, Any], dtype: torch.dtype | None,
             device: torch.device | str, path: str) -> None:
     """Read each tensor once, cast it, and put it in place of the meta parameter (no second copy)."""
     expected = model.state_dict()

@@ -93,7 +93,12 @@ def config_from_released(cfg: Mapping[str, Any] | None, state: Mapping[str, Any]
     adapters = {}
     for m in modalities:
         view = ReleasedAdapter(m, state, f"{prefix}{m}_adapter.", task_cfg, encoder.embed_dim, notes)
-        adapters[m] = MODALITIES[m].config_cls.from_released(view, dict(enc_cfg.get(f"{m}_adapter") or {}))
+        try:
+            adapters[m] = MODALITIES[m].config_cls.from_released(view, dict(enc_cfg.get(f"{m}_adapter") or {}))
+        except CheckpointError:
+            raise
+        except (ValueError, TypeError, KeyError) as e:  # e.g. a tensor the config needs is missing
+            raise CheckpointError(f"cannot read the {m} adapter's config from {view.prefix}*: {e!r}") from e
     # projection heads belong to the encoder side (the decoder of a pretraining file has none)
     projections = (prefix == ENCODER_PREFIX and "logit_scale" in state
                    and all(f"{m}_proj.weight" in state for m in modalities))
