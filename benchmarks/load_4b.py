@@ -29,7 +29,7 @@ def write_checkpoint(path: Path, keys_tsv: Path) -> None:
     """Every key of the released file with its shape; weights are copies of one random bf16 block
     (fast to make; values like a trained model's, no NaNs); buffers are the real recomputed ones."""
     from onepeace.checkpoint import released_cfg
-    from onepeace.config import get_config
+    from onepeace.sizes import get_config
     from onepeace.modeling.relative_position import bucket_index_1d, bucket_index_2d
 
     block = (torch.randn(1 << 22) * 0.02).to(torch.bfloat16)

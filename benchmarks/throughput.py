@@ -23,8 +23,10 @@ import numpy as np
 import torch
 
 import onepeace
-from onepeace.config import EncoderConfig, get_config
-from onepeace.inference import embed_token_ids, embed_waveforms
+from onepeace.config import EncoderConfig
+from onepeace.sizes import get_config
+from onepeace.modalities.audio import embed_waveforms
+from onepeace.modalities.text import embed_token_ids
 
 
 CLOCK = time.perf_counter  # --clock process: CPU seconds of this process (see main)

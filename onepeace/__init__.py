@@ -12,23 +12,13 @@ from typing import Sequence
 
 import torch
 
-from .config import ModelConfig, get_config, NAMED_CONFIGS
+from . import modalities as _bundled  # noqa: F401  (registers the bundled modalities: text, image, audio, video)
+from .config import ModelConfig
 from .modeling.model import ModelOutput, OnePeaceModel
+from .registry import list_modalities
+from .sizes import get_config, list_models
 
 __version__ = "0.1.0"
-
-
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
-    return sorted(NAMED_CONFIGS)
-
-
-def list_modalities() -> list[str]:
-    """Names of the registered modalities (text, image, audio, the bundled ones such as video, and any
-    registered with :func:`onepeace.registry.register_modality`)."""
-    from .registry import list_modalities as _list
-
-    return _list()
 
 
 def create_model(name_or_config: str | ModelConfig, device: torch.device | str = "cpu",

@@ -1,13 +1,14 @@
 """Typed configuration of a ONE-PEACE model, saved as JSON.
 
 A model is a shared Transformer encoder (:class:`EncoderConfig`) fed by one adapter per modality.
-Each adapter has its own config dataclass; :data:`ADAPTER_CONFIGS` maps a modality name to it, so a
-new modality adds one entry (see :mod:`onepeace.registry`). Configs are frozen: derive variants with
-:func:`dataclasses.replace` or :meth:`ModelConfig.select`.
+Each adapter has its own config dataclass, a subclass of :class:`AdapterConfig` defined in its
+modality's file (``onepeace/modalities/{kind}.py``) and found through :mod:`onepeace.registry`.
+Configs are frozen: derive variants with :func:`dataclasses.replace` or :meth:`ModelConfig.select`.
+The named sizes (``get_config("one-peace-tiny")``) are in :mod:`onepeace.sizes`.
 
 Field names follow the released configurations (``embed_dim``, ``magneto_scale_attn``, ...) so a
 released ``cfg`` maps onto them one to one; :func:`onepeace.checkpoint.config_from_released` builds
-them from a checkpoint and checks them against the tensor shapes.
+them from a checkpoint (each adapter config's ``from_released``) and checks them against the shapes.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
+
+from .registry import BUNDLED_PACKAGE, get_modality
 
 # The released audio feature extractor: (channels, kernel, stride) per conv block; total stride 320
 # samples, i.e. 50 frames per second of 16 kHz audio.
@@ -41,110 +44,30 @@ class AdapterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = {"kind": self.kind, **_asdict(self)}
-        if type(self).__module__ != __name__:
-            # a modality defined outside this file: the JSON names the module that registers it, so
-            # a saved model loads in a fresh process without the user importing that module first
+        if type(self).__module__ != f"{BUNDLED_PACKAGE}.{self.kind}":
+            # a modality defined outside onepeace.modalities: the JSON names the module that registers
+            # it, so a saved model loads in a fresh process without the user importing that module first
             data["module"] = type(self).__module__
         return data
+
+    @classmethod
+    def from_released(cls, view: Any, args: Mapping[str, Any]) -> "AdapterConfig":
+        """This adapter's config from a released checkpoint: `view` is the adapter's tensors
+        (:class:`onepeace.checkpoint.released_config.ReleasedAdapter`: shapes, presence, `pick` that
+        notes disagreements), `args` the released cfg's ``{kind}_adapter`` section. The tensors win."""
+        raise ValueError(f"modality kind {cls.kind!r} has no released checkpoint format")
+
+    def to_released(self, task: dict[str, Any]) -> dict[str, Any]:
+        """The released cfg's ``{kind}_adapter`` section for this config; settings the released
+        layout keeps in the task cfg are written into `task`. Inverse of :meth:`from_released`."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("kind", "module")}
 
     def decoder_variant(self) -> "AdapterConfig":
         """The adapter of the pretraining decoder for this modality (no stem, no relative bias)."""
         raise ValueError(f"no denoising-decoder adapter is defined for modality kind {self.kind!r}")
 
 
-@dataclass(frozen=True)
-class TextAdapterConfig(AdapterConfig):
-    vocab_size: int = 50264  # 0 = no token embedding (the pretraining decoder's text adapter)
-    max_positions: int = 514  # rows of the absolute position table
-    bucket_size: int = 256
-    max_length: int = 70  # preprocessing: ids kept before </s> is appended
-
-    kind: ClassVar[str] = "text"
-
-    def decoder_variant(self) -> "TextAdapterConfig":
-        return TextAdapterConfig(vocab_size=0, use_attn_bias=False, max_positions=self.max_positions,
-                                 max_length=self.max_length)
-
-
-@dataclass(frozen=True)
-class ImageAdapterConfig(AdapterConfig):
-    image_size: int = 256  # preprocessing: square input side in pixels (16 pixels per patch)
-    bucket_size: int = 16  # side of the learned absolute position grid
-    rel_bucket_size: int = 16  # side of the grid the 2-D relative bias table was built for
-    vision_encoder_type: str = "hmlp"  # "hmlp" (released), "mlp" (one 16x16 conv), "none" (decoder)
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
-
-    kind: ClassVar[str] = "image"
-    patch_size: ClassVar[int] = 16
-
-    @property
-    def grid_size(self) -> int:
-        return self.image_size // self.patch_size
-
-    def decoder_variant(self) -> "ImageAdapterConfig":
-        return ImageAdapterConfig(vision_encoder_type="none", use_attn_bias=False, image_size=self.image_size,
-                                  bucket_size=self.bucket_size, rel_bucket_size=self.rel_bucket_size)
-
-
-@dataclass(frozen=True)
-class AudioAdapterConfig(AdapterConfig):
-    # (channels, kernel, stride) per conv block of the waveform feature extractor; () = none (decoder)
-    feature_encoder_spec: tuple[tuple[int, int, int], ...] = RELEASED_AUDIO_FEATURE_SPEC
-    conv_bias: bool = False
-    abs_pos_type: str = "conv"  # "conv" (positions computed from the frames) or "fixed" (a table)
-    conv_pos_depth: int = 5
-    conv_pos_width: int = 95
-    conv_pos_groups: int = 16
-    conv_pos_pre_ln: bool = False
-    max_positions: int = 1026  # rows of the "fixed" position table
-    bucket_size: int = 512
-    sample_rate: int = 16000  # preprocessing
-    max_seconds: float = 15.0  # the reference keeps the first 15 s
-    min_seconds: float = 1.0  # shorter clips are tiled to 1 s
-
-    kind: ClassVar[str] = "audio"
-
-    @property
-    def conv_pos_kernel(self) -> int:
-        return max(3, self.conv_pos_width // self.conv_pos_depth)
-
-    @property
-    def feature_dim(self) -> int:
-        return self.feature_encoder_spec[-1][0] if self.feature_encoder_spec else 0
-
-    def decoder_variant(self) -> "AudioAdapterConfig":
-        return AudioAdapterConfig(feature_encoder_spec=(), abs_pos_type="fixed", use_attn_bias=False, bucket_size=256)
-
-
-# modality kind -> its adapter config class; :func:`onepeace.registry.register_modality` adds entries
-ADAPTER_CONFIGS: dict[str, type[AdapterConfig]] = {
-    "text": TextAdapterConfig,
-    "image": ImageAdapterConfig,
-    "audio": AudioAdapterConfig,
-}
 JOINT_HEAD_TYPES = ("vl", "al")  # task heads over one joint pass: text + image, text + audio
-
-
-def adapter_config_class(kind: str, module: str | None = None) -> type[AdapterConfig]:
-    """The config class of a modality kind, importing the module that registers it when needed:
-    `module` (recorded in saved configs) or a bundled ``onepeace.modalities.{kind}``."""
-    if kind not in ADAPTER_CONFIGS:
-        import importlib
-
-        for candidate in ([module] if module else []) + [f"onepeace.modalities.{kind}"]:
-            try:
-                importlib.import_module(candidate)
-            except ModuleNotFoundError as e:
-                if e.name is None or not candidate.startswith(e.name):
-                    raise  # the module exists but one of ITS imports is missing: say so
-            if kind in ADAPTER_CONFIGS:
-                break
-    try:
-        return ADAPTER_CONFIGS[kind]
-    except KeyError:
-        raise ValueError(f"unknown modality kind {kind!r}; known: {sorted(ADAPTER_CONFIGS)} "
-                         "(register it with onepeace.registry.register_modality)") from None
 
 
 @dataclass(frozen=True)
@@ -194,10 +117,10 @@ class ClassifyHeadConfig:
     def __post_init__(self) -> None:
         if self.head_type not in JOINT_HEAD_TYPES:
             try:
-                adapter_config_class(self.head_type)
-            except ValueError:
-                raise ValueError(f"head_type must be one of {list(JOINT_HEAD_TYPES)} or a modality "
-                                 f"({sorted(ADAPTER_CONFIGS)}); got {self.head_type!r}") from None
+                get_modality(self.head_type)
+            except ValueError as e:
+                raise ValueError(f"head_type must be one of {list(JOINT_HEAD_TYPES)} or a modality; "
+                                 f"{e}") from None
 
     @property
     def input_modalities(self) -> tuple[str, ...]:
@@ -276,7 +199,7 @@ class ModelConfig(JsonConfig):
             raw = dict(raw)
             kind, module = raw.pop("kind", name), raw.pop("module", None)
             try:
-                config_cls = adapter_config_class(kind, module)
+                config_cls = get_modality(kind, module).config_cls
             except ValueError as e:
                 raise ValueError(f"modality {name!r}: {e}") from None
             adapters[name] = _from_dict(config_cls, raw)
@@ -314,57 +237,17 @@ def _from_dict(cls, raw: dict[str, Any]):
     return cls(**kwargs)
 
 
-# ---- named sizes ----
-def _released_adapters(image_size: int = 256, audio_channels: int = 512) -> dict[str, AdapterConfig]:
-    grid = image_size // 16
-    spec = tuple((audio_channels, k, s) for _, k, s in RELEASED_AUDIO_FEATURE_SPEC)
-    return {
-        "text": TextAdapterConfig(),
-        "image": ImageAdapterConfig(image_size=image_size, bucket_size=grid, rel_bucket_size=grid),
-        "audio": AudioAdapterConfig(feature_encoder_spec=spec),
-    }
+# names that moved out of this module: the named sizes to onepeace.sizes, the built-in adapter
+# configs to their modality files. Resolved on first use (a static import would be a cycle: those
+# modules import this one), so `from onepeace.config import get_config` keeps working.
+_MOVED = {"get_config": "onepeace.sizes", "NAMED_CONFIGS": "onepeace.sizes",
+          "TextAdapterConfig": f"{BUNDLED_PACKAGE}.text", "ImageAdapterConfig": f"{BUNDLED_PACKAGE}.image",
+          "AudioAdapterConfig": f"{BUNDLED_PACKAGE}.audio"}
 
 
-def _small_size(name: str, dim: int, ffn_dim: int, layers: int, audio_channels: int, conv_pos_groups: int
-                ) -> ModelConfig:
-    """4 heads, 64-pixel images (4 x 4 patches), the released audio strides with fewer channels."""
-    return ModelConfig(
-        encoder=EncoderConfig(embed_dim=dim, ffn_embed_dim=ffn_dim, layers=layers, attention_heads=4),
-        adapters={
-            "text": TextAdapterConfig(),
-            "image": ImageAdapterConfig(image_size=64, bucket_size=4, rel_bucket_size=4),
-            "audio": AudioAdapterConfig(
-                feature_encoder_spec=tuple((audio_channels, k, s) for _, k, s in RELEASED_AUDIO_FEATURE_SPEC),
-                conv_pos_groups=conv_pos_groups,
-            ),
-        },
-        name=name,
-    )
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
 
-
-def _named_sizes() -> dict[str, ModelConfig]:
-    sizes = {
-        # The released retrieval model (3.88e9 parameters).
-        "one-peace-4b": ModelConfig(encoder=EncoderConfig(), adapters=_released_adapters(), name="one-peace-4b"),
-        # A ViT-B-sized model for benchmarks and real training runs.
-        "one-peace-base": ModelConfig(
-            encoder=EncoderConfig(embed_dim=768, ffn_embed_dim=3072, layers=12, attention_heads=12),
-            adapters=_released_adapters(image_size=224, audio_channels=512),
-            name="one-peace-base",
-        ),
-        # Small enough to pretrain on 2 CPU cores in minutes.
-        "one-peace-small": _small_size("one-peace-small", 192, 512, 4, audio_channels=64, conv_pos_groups=4),
-        # For unit tests: the sizes of the official-tiny fixture, with the real vocabulary.
-        "one-peace-tiny": _small_size("one-peace-tiny", 64, 160, 3, audio_channels=32, conv_pos_groups=16),
-    }
-    return sizes
-
-
-NAMED_CONFIGS: dict[str, ModelConfig] = _named_sizes()
-
-
-def get_config(name: str) -> ModelConfig:
-    try:
-        return NAMED_CONFIGS[name]
-    except KeyError:
-        raise KeyError(f"unknown model name {name!r}; known: {sorted(NAMED_CONFIGS)}") from None
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

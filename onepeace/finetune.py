@@ -223,7 +223,7 @@ def train_retrieval(model, cfg: FinetuneConfig, entries: Sequence[dict]) -> list
     text_frozen = not _branch_trainable(model, "text")
     cached = None
     if text_frozen:
-        from .inference import embed_token_ids
+        from .modalities.text import embed_token_ids
 
         cached = embed_token_ids(model, ids, batch_size=cfg.eval_batch_size).float().clone()  # a normal tensor
     transform = _transform(model, cfg.modality)

@@ -1,26 +1,27 @@
-"""Modalities: a modality is a registered adapter + config + preprocessing + collate.
+"""Modalities: one record per modality, in ONE dict (:data:`MODALITIES`). A leaf module: it imports
+nothing from onepeace, so anything may import it at module top.
 
 A model config lists its modalities (``ModelConfig.adapters``, name -> adapter config); the encoder
 builds one FFN expert and one final LayerNorm per listed modality, the model one projection head per
 modality. The encoder, attention and layers never name a modality.
 
-A new modality is ONE file that defines an :class:`~onepeace.modeling.adapters.Adapter` subclass, its
-config dataclass, a `transform` (raw item -> prepared tensor) and a `collate` (prepared tensors ->
-forward keyword arguments), and calls :func:`register_modality`. Files in ``onepeace/modalities/``
-are found by name (``onepeace.modalities.{kind}``); others are recorded by module in saved configs.
-See docs/adding-a-modality.md (the video modality, onepeace/modalities/video.py).
+Every modality, the built-in text, image and audio included, is ONE file of the same shape in
+``onepeace/modalities/`` (see onepeace/modalities/video.py and docs/adding-a-modality.md): its
+adapter config (a dataclass whose ``from_released`` / ``to_released`` read and write the released
+checkpoint format), its adapter (an :class:`~onepeace.modeling.adapters.Adapter` subclass), a
+`transform` (raw item -> prepared tensor), a `collate` (prepared tensors -> forward keyword
+arguments), optionally a faster `embed` / `encode` path and its file suffixes, and a call to
+:func:`register_modality` at the bottom. ``import onepeace`` imports the bundled files; a kind not
+registered yet is looked up as ``onepeace.modalities.{kind}`` (or the module a saved config records).
 """
 from __future__ import annotations
 
 import importlib
-import pkgutil
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-
-from .config import ADAPTER_CONFIGS, AdapterConfig
-from .modeling.adapters import Adapter, AudioAdapter, ImageAdapter, TextAdapter
 
 # transform(model) -> (raw item -> prepared tensor), e.g. a path -> (3, S, S) pixels
 TransformFactory = Callable[[Any], Callable[[Any], torch.Tensor]]
@@ -28,126 +29,108 @@ TransformFactory = Callable[[Any], Callable[[Any], torch.Tensor]]
 Collate = Callable[[Any, Sequence[torch.Tensor]], dict[str, torch.Tensor]]
 # embed(model, prepared tensors, batch_size) -> (N, D): an optional faster path than collate + forward
 Embed = Callable[[Any, Sequence[torch.Tensor], int], torch.Tensor]
+# encode(model, raw items, batch_size, **options) -> (N, D): an optional whole raw-item path with
+# options of its own (audio: long_audio="windows"); without it, transform + embed (or collate)
+Encode = Callable[..., torch.Tensor]
+# example(model, n) -> forward keyword arguments of n random but valid items (smoke tests, benchmarks)
+Example = Callable[[Any, int], dict[str, torch.Tensor]]
+
+BUNDLED_PACKAGE = "onepeace.modalities"
 
 
 @dataclass(frozen=True)
 class Modality:
+    """What onepeace knows about one modality. `config_cls` is an ``AdapterConfig`` subclass (saved in
+    config.json; ``config_cls.from_released`` infers it from a released checkpoint), `adapter_cls` an
+    ``Adapter`` subclass (its ``RELEASED_NAMES`` are the released checkpoint's names of its parameters)."""
+
     kind: str
-    config_cls: type[AdapterConfig]
-    adapter_cls: type[Adapter]
+    config_cls: type
+    adapter_cls: type
     transform: TransformFactory | None = None
     collate: Collate | None = None
     embed: Embed | None = None
+    encode: Encode | None = None
+    suffixes: frozenset[str] = frozenset()  # lower-case file suffixes that hold items of this kind
+    batch_size: int = 16  # default items per batch of batch jobs (CLI embed, index build)
+    example: Example | None = None
 
 
-MODALITIES: dict[str, Modality] = {}
-ADAPTERS: dict[str, type[Adapter]] = {}  # kind -> adapter class (a view of MODALITIES)
+MODALITIES: dict[str, Modality] = {}  # kind -> record, in registration order
 
 
-def register_modality(kind: str, config_cls: type[AdapterConfig], adapter_cls: type[Adapter],
-                      transform: TransformFactory | None = None, collate: Collate | None = None,
-                      embed: Embed | None = None) -> Modality:
+def register_modality(kind: str, config_cls: type, adapter_cls: type, transform: TransformFactory | None = None,
+                      collate: Collate | None = None, embed: Embed | None = None, *, encode: Encode | None = None,
+                      suffixes: Sequence[str] = (), batch_size: int = 16, example: Example | None = None
+                      ) -> Modality:
     """Make `kind` usable in model configs (its adapter, config class, preprocessing and collate).
 
     Registering the same classes again (a module re-imported) is allowed; another class under a
     taken name is an error."""
     if not kind.isidentifier():
         raise ValueError(f"modality kind must be an identifier (it becomes a parameter-name part), got {kind!r}")
-    if not (isinstance(adapter_cls, type) and issubclass(adapter_cls, Adapter)):
+    if not (isinstance(adapter_cls, type) and issubclass(adapter_cls, torch.nn.Module)
+            and hasattr(adapter_cls, "released_name_rules")):
         raise TypeError(f"adapter_cls for {kind!r} must be an Adapter subclass, got {adapter_cls!r}")
+    if not (isinstance(config_cls, type) and hasattr(config_cls, "to_dict")):
+        raise TypeError(f"config_cls for {kind!r} must be an AdapterConfig subclass, got {config_cls!r}")
+    bad = [s for s in suffixes if not (s.startswith(".") and s == s.lower())]
+    if bad:
+        raise ValueError(f"suffixes of {kind!r} must be lower case and start with '.', got {bad}")
     old = MODALITIES.get(kind)
     if old is not None and (old.adapter_cls.__qualname__, old.config_cls.__qualname__) != (
             adapter_cls.__qualname__, config_cls.__qualname__):
         raise ValueError(f"modality kind {kind!r} is already registered to {old.adapter_cls.__name__}")
+    taken = {s: m.kind for m in MODALITIES.values() if m.kind != kind for s in m.suffixes}
+    clash = sorted(s for s in suffixes if s in taken)
+    if clash:
+        raise ValueError(f"suffixes {clash} of {kind!r} already belong to {sorted({taken[s] for s in clash})}")
     config_cls.kind = kind
-    ADAPTER_CONFIGS[kind] = config_cls
-    ADAPTERS[kind] = adapter_cls
-    MODALITIES[kind] = Modality(kind, config_cls, adapter_cls, transform, collate, embed)
+    MODALITIES[kind] = Modality(kind, config_cls, adapter_cls, transform, collate, embed, encode,
+                                frozenset(suffixes), batch_size, example)
     return MODALITIES[kind]
 
 
-def load_bundled_modalities() -> None:
-    """Import every module of ``onepeace.modalities`` (each registers one modality)."""
-    from . import modalities
-
-    for info in pkgutil.iter_modules(modalities.__path__):
-        importlib.import_module(f"{modalities.__name__}.{info.name}")
+def get_modality(kind: str, module: str | None = None) -> Modality:
+    """The record of `kind`, importing the module that registers it when needed: `module` (recorded
+    in saved configs of modalities defined outside onepeace) or the bundled ``onepeace.modalities.{kind}``.
+    Raises ValueError naming the known kinds."""
+    if kind not in MODALITIES:
+        for candidate in ([module] if module else []) + [f"{BUNDLED_PACKAGE}.{kind}"]:
+            try:
+                importlib.import_module(candidate)  # registers the kind (dynamic: no import-time edge)
+            except ModuleNotFoundError as e:
+                if e.name is None or not candidate.startswith(e.name):
+                    raise  # the module exists but one of ITS imports is missing: say so
+            if kind in MODALITIES:
+                break
+    try:
+        return MODALITIES[kind]
+    except KeyError:
+        raise ValueError(f"unknown modality kind {kind!r}; known: {sorted(MODALITIES)} "
+                         "(register it with onepeace.registry.register_modality)") from None
 
 
 def list_modalities() -> list[str]:
-    """Names of the registered modalities (the built-in three, the bundled ones, any registered)."""
-    load_bundled_modalities()
+    """Names of the registered modalities, sorted (``import onepeace`` registers the bundled ones)."""
     return sorted(MODALITIES)
 
 
-def get_modality(kind: str) -> Modality:
-    if kind not in MODALITIES:
-        from .config import adapter_config_class
+def modality_for_path(path: str | os.PathLike) -> str | None:
+    """The kind whose suffixes include this file's (case-insensitive), or None. A text file
+    (.txt, .jsonl) gives "text": a file of texts, one per line."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    return next((m.kind for m in MODALITIES.values() if suffix and suffix in m.suffixes), None)
 
-        adapter_config_class(kind)  # imports onepeace.modalities.{kind} if there is one; raises if unknown
-    return MODALITIES[kind]
+
+def file_modalities() -> tuple[str, ...]:
+    """The kinds that files on disk can hold (those with suffixes), in registration order."""
+    return tuple(m.kind for m in MODALITIES.values() if m.suffixes)
 
 
-def adapter_class(cfg: AdapterConfig) -> type[Adapter]:
+def adapter_class(cfg: Any) -> type:
+    """The adapter class of an adapter config (by its ``kind``)."""
     try:
         return get_modality(cfg.kind).adapter_cls
     except ValueError:
-        raise KeyError(f"no adapter registered for modality kind {cfg.kind!r}; known: {sorted(ADAPTERS)}") from None
-
-
-# ---- the built-in modalities ----
-def _text_transform(model) -> Callable[[str], torch.Tensor]:
-    return lambda text: torch.tensor(model.tokenizer.encode(text), dtype=torch.long)
-
-
-def _text_collate(model, items: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    tokens = torch.ones(len(items), max(len(t) for t in items), dtype=torch.long)  # pad id 1
-    for row, ids in enumerate(items):
-        tokens[row, :len(ids)] = ids
-    return {"text": tokens}
-
-
-def _image_transform(model):
-    from .inference import image_transform
-
-    return image_transform(model)
-
-
-def _image_collate(model, items: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"image": torch.stack(list(items))}
-
-
-def _audio_transform(model):
-    from .inference import audio_transform
-
-    return audio_transform(model)
-
-
-def _audio_collate(model, items: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    from .data.audio import collate_waveforms
-
-    audio, mask = collate_waveforms(list(items), model.config.adapters["audio"].feature_encoder_spec)
-    return {"audio": audio, "audio_padding_mask": mask}
-
-
-def _embed_texts(model, items: Sequence[torch.Tensor], batch_size: int) -> torch.Tensor:
-    from .inference import embed_token_ids
-
-    return embed_token_ids(model, [t.tolist() for t in items], batch_size)
-
-
-def _embed_images(model, items: Sequence[torch.Tensor], batch_size: int) -> torch.Tensor:
-    from .inference import embed_image_tensors
-
-    return embed_image_tensors(model, items, batch_size)
-
-
-def _embed_audios(model, items: Sequence[torch.Tensor], batch_size: int) -> torch.Tensor:
-    from .inference import embed_waveforms
-
-    return embed_waveforms(model, items, batch_size)
-
-
-register_modality("text", ADAPTER_CONFIGS["text"], TextAdapter, _text_transform, _text_collate, _embed_texts)
-register_modality("image", ADAPTER_CONFIGS["image"], ImageAdapter, _image_transform, _image_collate, _embed_images)
-register_modality("audio", ADAPTER_CONFIGS["audio"], AudioAdapter, _audio_transform, _audio_collate, _embed_audios)
+        raise KeyError(f"no adapter registered for modality kind {cfg.kind!r}; known: {sorted(MODALITIES)}") from None

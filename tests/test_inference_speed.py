@@ -8,7 +8,8 @@ import torch
 
 import onepeace
 from conftest import TINY_CKPT, max_rel_error, random_tiny_model
-from onepeace.inference import audio_window_starts, length_sorted_batches
+from onepeace.inference import length_sorted_batches
+from onepeace.modalities.audio import audio_window_starts
 
 
 @pytest.fixture(scope="module")

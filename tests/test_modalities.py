@@ -2,6 +2,7 @@
 every pre-existing parameter bit-identical."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -79,14 +80,20 @@ def test_unknown_kind_in_a_config_names_the_modality():
         ModelConfig.from_dict(raw)
 
 
-def test_video_config_json_round_trip_records_its_module():
+def test_config_json_round_trip_records_the_module_only_outside_onepeace_modalities():
     config = onepeace.get_config("one-peace-tiny")
     config = ModelConfig(encoder=config.encoder, adapters={**config.adapters, "video": VideoAdapterConfig(num_frames=3)})
     data = config.to_dict()
     assert data["adapters"]["video"]["kind"] == "video"
-    assert data["adapters"]["video"]["module"] == "onepeace.modalities.video"
-    assert "module" not in data["adapters"]["image"]  # built-in configs are unchanged
+    # every bundled modality (text, image, audio, video alike) is found by name: no module recorded
+    assert [a.get("module") for a in data["adapters"].values()] == [None] * 4
     assert ModelConfig.from_dict(json.loads(json.dumps(data))) == config
+
+    @dataclasses.dataclass(frozen=True)
+    class ClipConfig(VideoAdapterConfig):  # a config class defined outside onepeace.modalities
+        pass
+
+    assert ClipConfig().to_dict()["module"] == __name__
     with pytest.raises(ValueError, match="use_attn_bias must be False"):
         VideoAdapterConfig(use_attn_bias=True)
 
@@ -215,3 +222,30 @@ def test_cli_embeds_clips_with_as_video(tmp_path, capsys):
     expected = model.encode_items("video", clips)
     assert list(saved["modalities"]) == ["video", "video"] and list(saved["failed_files"]) == [str(tmp_path / "missing.gif")]
     assert np.allclose(saved["embeddings"], expected.numpy(), atol=1e-5)
+
+
+def test_file_suffixes_come_from_the_registry():
+    from onepeace.registry import file_modalities, modality_for_path
+
+    assert modality_for_path("a/B.JPG") == "image" and modality_for_path("x.flac") == "audio"
+    assert modality_for_path("notes.txt") == "text" and modality_for_path("m.jsonl") == "text"
+    assert modality_for_path("clip.xyz") is None and modality_for_path("README") is None
+    assert file_modalities() == ("image", "audio", "text")  # registration order; video registers none
+    with pytest.raises(ValueError, match=r"\['\.png'\] of 'video' already belong to \['image'\]"):
+        register_modality("video", VideoAdapterConfig, VideoAdapter, suffixes=(".png",))
+    assert get_modality("video").suffixes == frozenset()  # the refused registration changed nothing
+
+
+def test_registry_is_a_leaf_and_the_builtins_have_the_plugin_shape():
+    import ast
+
+    import onepeace.registry as registry
+
+    tree = ast.parse(Path(registry.__file__).read_text())
+    imported = ["." * n.level + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.startswith("onepeace") or m.startswith(".")], imported
+    for kind in ("text", "image", "audio", "video"):
+        spec = get_modality(kind)
+        assert spec.config_cls.__module__ == spec.transform.__module__ == f"onepeace.modalities.{kind}"
+        assert spec.collate is not None and spec.example is not None and spec.config_cls.kind == kind

@@ -29,14 +29,12 @@ def test_tutorial_excerpts_are_verbatim_copies_of_the_real_files():
 @pytest.fixture
 def restored_registry():
     """The tutorial registers a toy 'sensor' modality: take it out again afterwards."""
-    from onepeace import config, registry
+    from onepeace import registry
 
-    live = (registry.MODALITIES, registry.ADAPTERS, config.ADAPTER_CONFIGS)
-    saved = [dict(d) for d in live]
+    saved = dict(registry.MODALITIES)  # the one dict of modalities
     yield
-    for d, old in zip(live, saved):
-        d.clear()
-        d.update(old)
+    registry.MODALITIES.clear()
+    registry.MODALITIES.update(saved)
 
 
 def test_tutorial_code_runs_as_written(capsys, monkeypatch, restored_registry):

@@ -1,28 +1,22 @@
-"""Finding inputs on disk: modality from the file extension; text files give one item per line."""
+"""Finding inputs on disk: modality from the file suffix (each modality registers its suffixes, see
+:func:`onepeace.registry.modality_for_path`); text files give one item per line."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Sequence
 
-from .audio import AUDIO_EXTENSIONS
-from .image import IMAGE_EXTENSIONS
+from ..registry import modality_for_path
 
+# suffixes of files of texts (the text modality registers them); .jsonl lines are JSON
 TEXT_EXTENSIONS = frozenset({".txt", ".jsonl"})
 # keys of a JSONL object that hold its text, in order of preference (the demo manifests use "text")
 JSONL_TEXT_KEYS = ("text", "caption", "sentence")
 
 
 def modality_of(path: str | Path) -> str | None:
-    """'image', 'audio', 'text' (a .txt or .jsonl file of texts) or None, from the extension."""
-    ext = Path(path).suffix.lower()
-    if ext in IMAGE_EXTENSIONS:
-        return "image"
-    if ext in AUDIO_EXTENSIONS:
-        return "audio"
-    if ext in TEXT_EXTENSIONS:
-        return "text"
-    return None
+    """The registered modality whose suffixes include this file's (a .txt / .jsonl file: texts), or None."""
+    return modality_for_path(path)
 
 
 def find_inputs(paths: Sequence[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
-from ..config import AudioAdapterConfig, EncoderConfig, ImageAdapterConfig, ModelConfig, TextAdapterConfig
+from ..config import EncoderConfig, ModelConfig
+from ..modalities.audio import AudioAdapterConfig
+from ..modalities.image import ImageAdapterConfig
+from ..modalities.text import TextAdapterConfig
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def media_kind(entry: dict, known: Sequence[str]) -> str:
 
 @torch.no_grad()
 def embed_texts(model, texts: Sequence[str], labels: Sequence[str], batch_size: int = 64) -> EmbeddedSet:
-    from ..inference import embed_token_ids
+    from ..modalities.text import embed_token_ids
 
     emb = embed_token_ids(model, [model.tokenizer.encode(t) for t in texts], batch_size)
     return EmbeddedSet(emb.cpu(), list(labels), list(texts))

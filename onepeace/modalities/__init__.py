@@ -1,4 +1,8 @@
-"""Bundled extra modalities, one file each (``{kind}.py`` registers modality ``kind`` on import).
+"""Every modality, one file each, all of the same shape (``{kind}.py`` registers modality ``kind`` on
+import): its adapter config (with the released checkpoint format), adapter, preprocessing, collate,
+optional fast embed path and file suffixes. ``import onepeace`` imports the bundled ones below; a saved
+config naming another bundled kind imports ``onepeace.modalities.{kind}`` by name.
 
-:func:`onepeace.list_modalities` imports them all; a saved config naming a kind imports its file.
+Registration order is the order of :data:`onepeace.registry.MODALITIES` (media first, then text).
 """
+from . import image, audio, text, video  # noqa: F401  (each registers itself)

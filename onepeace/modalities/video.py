@@ -169,4 +169,10 @@ def collate_videos(model, clips: Sequence[torch.Tensor]) -> dict[str, torch.Tens
     return {"video": torch.stack(list(clips))}
 
 
-register_modality("video", VideoAdapterConfig, VideoAdapter, video_transform, collate_videos)
+def example_videos(model, n: int) -> dict[str, torch.Tensor]:
+    """n random clips of normalised frames at this model's frame count and side."""
+    cfg = model.config.adapters["video"]
+    return collate_videos(model, list(torch.randn(n, cfg.num_frames, 3, cfg.image_size, cfg.image_size)))
+
+
+register_modality("video", VideoAdapterConfig, VideoAdapter, video_transform, collate_videos, example=example_videos)

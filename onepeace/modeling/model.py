@@ -353,12 +353,12 @@ class OnePeaceModel(nn.Module):
         """Visual grounding: (N, 4) boxes x1, y1, x2, y2 in each image's own pixels, for one phrase per
         image (the released API: sigmoid of the 4 outputs scaled by the width and height)."""
         from ..data.image import load_image
-        from ..inference import image_transform
+        from ..inference import modality_transform
 
         images, phrases = _as_list(images), [phrases] if isinstance(phrases, str) else list(phrases)
         if len(images) != len(phrases):
             raise ValueError(f"{len(images)} images but {len(phrases)} phrases: give one phrase per image")
-        transform = image_transform(self)
+        transform = modality_transform(self, "image")
         pil = [load_image(i) for i in images]
         pixels = torch.stack([transform(p) for p in pil]).to(self.device)
         tokens = self.tokenizer(phrases).to(self.device)
@@ -383,24 +383,24 @@ class OnePeaceModel(nn.Module):
 
     def encode_text(self, texts: str | Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """Raw strings -> (N, D) L2-normalised embeddings, in input order."""
-        from ..inference import encode_texts
+        from ..inference import encode_items
 
-        return encode_texts(self, [texts] if isinstance(texts, str) else list(texts), batch_size)
+        return encode_items(self, "text", [texts] if isinstance(texts, str) else list(texts), batch_size)
 
     def encode_image(self, images: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
         """Paths or PIL images -> (N, D) L2-normalised embeddings."""
-        from ..inference import encode_images
+        from ..inference import encode_items
 
-        return encode_images(self, _as_list(images), batch_size)
+        return encode_items(self, "image", _as_list(images), batch_size)
 
     def encode_audio(self, audios: Sequence[Any], batch_size: int = 8, long_audio: str = "crop") -> torch.Tensor:
         """Paths, (array, sample_rate) pairs or 16 kHz arrays -> (N, D) L2-normalised embeddings.
 
         long_audio="crop" keeps the first 15 s (the reference); "windows" averages the embeddings of
-        overlapping 15-s windows covering the whole clip (see onepeace.inference.encode_audios)."""
-        from ..inference import encode_audios
+        overlapping 15-s windows covering the whole clip (see onepeace.modalities.audio.encode_audios)."""
+        from ..inference import encode_items
 
-        return encode_audios(self, _as_list(audios, tuple_is_item=True), batch_size, long_audio=long_audio)
+        return encode_items(self, "audio", _as_list(audios, tuple_is_item=True), batch_size, long_audio=long_audio)
 
     def encode_items(self, modality: str, items: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
         """Raw items of any branch (``model.encode_items("video", ["clip.gif"])``) -> (N, D) L2-normalised

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import AudioAdapterConfig
+from ...config import AdapterConfig
 from ..packed_linear import linear, pack_weight, packable
 from ..relative_position import bucket_index_1d
 from .base import Adapter, AdapterOutput
@@ -99,8 +99,10 @@ class AudioAdapter(Adapter):
         # when conv_pos_pre_ln is set: see `released_names` below
         (r"^mask_token$", "mask_embedding"),
     ]
+    UNUSED_IN_FORWARD = ("mask_token",)
 
-    def __init__(self, cfg: AudioAdapterConfig, embed_dim: int, num_heads: int, num_rel_tables: int = 1):
+    # cfg: AudioAdapterConfig (onepeace/modalities/audio.py; not imported here: modeling sits below the plugins)
+    def __init__(self, cfg: AdapterConfig, embed_dim: int, num_heads: int, num_rel_tables: int = 1):
         super().__init__(cfg, embed_dim, num_heads, num_rel_tables, num_rel_rows=2 * cfg.bucket_size + 2)
         blocks, prev = [], 1
         for channels, kernel, stride in cfg.feature_encoder_spec:

@@ -30,6 +30,9 @@ class Adapter(nn.Module):
     """
 
     RELEASED_NAMES: ClassVar[list[tuple[str, str]]] = []
+    # parameters kept only because the released files have them: `forward` never uses them, so no
+    # gradient reaches them (tests/test_registry_models.py checks both ways)
+    UNUSED_IN_FORWARD: ClassVar[tuple[str, ...]] = ()
     # set by OnePeaceModel.reference_mode: keep the plain computation (benchmarks' baseline)
     reference_mode: bool = False
     _COMMON_RELEASED_NAMES: ClassVar[list[tuple[str, str]]] = [

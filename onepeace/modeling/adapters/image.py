@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import ImageAdapterConfig
+from ...config import AdapterConfig
 from ..layers import ChannelLayerNorm
 from ..relative_position import bucket_index_2d
 from .base import Adapter, AdapterOutput
@@ -50,7 +50,8 @@ class ImageAdapter(Adapter):
         (r"^patch_embed\.conv3\.(weight|bias)$", r"embed_images.6.\1"),
     ]
 
-    def __init__(self, cfg: ImageAdapterConfig, embed_dim: int, num_heads: int, num_rel_tables: int = 1):
+    # cfg: ImageAdapterConfig (onepeace/modalities/image.py; not imported here: modeling sits below the plugins)
+    def __init__(self, cfg: AdapterConfig, embed_dim: int, num_heads: int, num_rel_tables: int = 1):
         rb = cfg.rel_bucket_size
         super().__init__(cfg, embed_dim, num_heads, num_rel_tables, num_rel_rows=(2 * rb - 1) ** 2 + 3)
         stems = {"hmlp": HierarchicalMLPStem, "mlp": LinearPatchStem}

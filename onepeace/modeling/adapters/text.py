@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...config import TextAdapterConfig
+from ...config import AdapterConfig
 from ..relative_position import bucket_index_1d
 from .base import Adapter, AdapterOutput
 
@@ -17,7 +17,8 @@ class TextAdapter(Adapter):
         (r"^pos_embed\.weight$", "embed_positions.weight"),
     ]
 
-    def __init__(self, cfg: TextAdapterConfig, embed_dim: int, num_heads: int, num_rel_tables: int = 1):
+    # cfg: TextAdapterConfig (onepeace/modalities/text.py; not imported here: modeling sits below the plugins)
+    def __init__(self, cfg: AdapterConfig, embed_dim: int, num_heads: int, num_rel_tables: int = 1):
         super().__init__(cfg, embed_dim, num_heads, num_rel_tables, num_rel_rows=2 * cfg.bucket_size + 2)
         self.token_embed = nn.Embedding(cfg.vocab_size, embed_dim, padding_idx=PAD_ID) if cfg.vocab_size else None
         self.pos_embed = nn.Embedding(cfg.max_positions, embed_dim)
