@@ -311,10 +311,10 @@ def test_every_flag_round_trips_through_the_released_layout(tmp_path, variant):
     tokens = torch.tensor([[5, 6, 7, 2, 1], [8, 9, 10, 11, 2]])
     images = torch.randn(2, 3, 64, 64)
     audio = torch.randn(2, 16000)
-    for fuse in (False, True):
+    for joint in (False, True):
         with torch.no_grad():
-            a = model(text=tokens, image=images, audio=audio, fuse=fuse)
-            b = loaded(text=tokens, image=images, audio=audio, fuse=fuse)
+            a = model(text=tokens, image=images, audio=audio, joint=joint)
+            b = loaded(text=tokens, image=images, audio=audio, joint=joint)
         for m in a.hidden_states:
-            assert torch.equal(a.hidden_states[m], b.hidden_states[m]), (variant, m, fuse)
+            assert torch.equal(a.hidden_states[m], b.hidden_states[m]), (variant, m, joint)
             assert torch.isfinite(a.hidden_states[m]).all()
