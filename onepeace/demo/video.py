@@ -178,6 +178,7 @@ def train_video_branch(model, train_manifest: str | Path, settings: VideoDemoSet
     Returns (losses, names of pre-existing parameters that changed: must be empty)."""
     from ..finetune import FinetuneConfig, labelled_entries, train_retrieval
 
+    model.to_dense()  # training needs dense weights (onepeace.load packs them on CPU)
     before = snapshot_parameters(model)
     add_video_branch(model, settings.frames)
     cfg = FinetuneConfig(model="(in memory)", train_manifest=str(train_manifest), mode="retrieval", modality="video",
