@@ -63,6 +63,8 @@ def test_packed_and_dense_give_the_same_numbers_and_to_dense_is_bit_identical():
     model = random_tiny_model()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     before = text_embedding(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".audio." not in name)
     model.to_packed()
     assert model.is_packed and not hasattr(model.encoder.layers[0].attn.q_proj, "weight")
     packed_state = model.state_dict()
@@ -71,9 +73,12 @@ def test_packed_and_dense_give_the_same_numbers_and_to_dense_is_bit_identical():
     err = max_rel_error(text_embedding(model), before)
     print(f"packed vs dense text embedding: {err:.1e}")
     assert 0 < err <= 1e-5  # really another kernel, same numbers
+    assert not any(p.requires_grad for p in model.parameters())  # an inference model: frozen
     model.to_dense()
     assert not model.is_packed and not linears(model)[0]
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # the requires_grad flags of before packing come back (the audio branch was frozen then)
+    assert all(p.requires_grad == (".audio." not in n) for n, p in model.named_parameters())
     assert torch.equal(text_embedding(model), before)
 
 
@@ -131,11 +136,16 @@ def test_training_and_gradient_forwards_are_refused_until_to_dense():
     with pytest.raises(RuntimeError, match="cannot train.*to_dense"):
         model.train()
     assert not any(m.training for m in model.modules())  # refused before anything changed mode
+    # packing froze the parameters: a plain call (grad mode on) builds no graph and gives the numbers
+    out = model(text=TEXT).embeddings["text"]
+    assert not out.requires_grad and torch.equal(out, text_embedding(model))
+    model.adapters["text"].requires_grad_(True)  # now the encoder's inputs require gradients
     with pytest.raises(RuntimeError, match="packed for inference.*to_dense"):
-        model(text=TEXT)  # gradients enabled
+        model(text=TEXT)
     assert model.is_packed  # never unpacked behind the user's back
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.to_dense().train()
+    assert all(p.requires_grad for p in model.parameters())  # the flags from before packing
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model(text=TEXT).hidden_states["text"].pow(2).mean().backward()  # (embeddings have unit norm)
     optimizer.step()

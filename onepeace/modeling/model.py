@@ -94,20 +94,33 @@ class OnePeaceModel(nn.Module):
         """Swap the encoder's nn.Linear layers for inference-only `PackedLinear` layers where this CPU
         can pack their dtype (`onepeace.modeling.packed.cpu_can_pack`; elsewhere they stay nn.Linear):
         the same numbers (<= 1e-6 relative), short inputs ~2.5x and large batches ~1.3x faster, the
-        dense weights released (no second copy). ``onepeace.load`` does this on CPU. The model is put
-        in eval mode; it then refuses ``train()``, gradient-enabled forwards and dtype/device changes
-        until `to_dense`. Fused projections (`fuse_for_inference`) are dropped first."""
+        dense weights released (no second copy). ``onepeace.load`` does this on CPU.
+
+        A packed model is an inference model: it is put in eval mode and its parameters are frozen
+        (requires_grad=False, so a plain ``model(...)`` builds no graph); it refuses ``train()``, a
+        forward whose inputs require gradients and dtype/device changes until `to_dense`, which gives
+        the requires_grad flags back. Fused projections (`fuse_for_inference`) are dropped first."""
         self.eval()
         for layer in self.encoder.layers:
             layer.attn.unfuse_projections()
             for expert in layer.ffn.values():
                 expert.unfuse_projections()
-        pack_linears(self.encoder)
+        trainable = [name for name, p in self.named_parameters() if p.requires_grad]
+        if pack_linears(self.encoder) and not hasattr(self, "_trainable_when_packed"):
+            self._trainable_when_packed = trainable  # names (weights included), given back by to_dense
+        if self.is_packed:
+            self.requires_grad_(False)
         return self
 
     def to_dense(self) -> "OnePeaceModel":
-        """Plain nn.Linear layers again (bit-identical weights), e.g. to train, differentiate or convert."""
+        """Plain nn.Linear layers again (bit-identical weights) and the requires_grad flags from before
+        `to_packed`: to train, differentiate or convert the model."""
         unpack_linears(self)
+        trainable = self.__dict__.pop("_trainable_when_packed", None)
+        if trainable is not None:
+            trainable = set(trainable)
+            for name, p in self.named_parameters():
+                p.requires_grad_(name in trainable)
         return self
 
     @property
