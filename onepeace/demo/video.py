@@ -150,8 +150,7 @@ def _video_numbers(result: dict[str, Any]) -> dict[str, float]:
 
 
 def snapshot_parameters(model) -> dict[str, torch.Tensor]:
-    """Every parameter's value, read through the state dict (a CPU-packed layer's parameter holds only a
-    placeholder; its state-dict entry is the dense weight)."""
+    """Every parameter's value (cloned), read through the state dict."""
     names = {name for name, _ in model.named_parameters()}
     return {name: t.detach().clone() for name, t in model.state_dict().items() if name in names}
 
