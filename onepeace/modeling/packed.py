@@ -113,29 +113,30 @@ class PackedLinear(nn.Module):
         return self._packed.dtype
 
     # ---------------------------------------------------------------- inference
-    def _product(self, op: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> torch.Tensor:
-        """Run a packed op after the checks that keep it from being silently wrong."""
-        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+    def _check_inference(self, *inputs: torch.Tensor) -> None:
+        """The checks that keep a packed product from being silently wrong (before every product)."""
+        tensors = inputs if self.bias is None else (*inputs, self.bias)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             raise RuntimeError("this layer is packed for inference (oneDNN weights have no backward): run it "
                                "under torch.inference_mode() / torch.no_grad(), or call model.to_dense() to "
                                "train or differentiate")
         if "weight" in self.__dict__:  # torch.func.functional_call(model, {"...weight": w}) sets an attribute
             raise RuntimeError("a 'weight' was substituted into a packed layer, which has no weight Parameter "
                                f"and would ignore it: {_TO_DENSE} (e.g. for torch.func.functional_call)")
-        return op(x, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        return self._product(lambda x: linear(x, self._packed, self.bias), x)
+        self._check_inference(x)
+        return linear(x, self._packed, self.bias)
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """``gelu(x W^T + b)`` (exact, erf) with the GELU inside the matrix product."""
-        return self._product(lambda x: torch.ops.mkldnn._linear_pointwise(
-            x, self._packed, self.bias, "gelu", [], "none"), x)
+        self._check_inference(x)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "gelu", [], "none")
 
     def forward_mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """``(x W^T + b) * other`` with the product inside the matrix product."""
-        return self._product(lambda x: torch.ops.mkldnn._linear_pointwise.binary(
-            x, other, self._packed, self.bias, "mul"), x)
+        """``(x W^T + b) * other`` (other: (..., out)) with the product inside the matrix product."""
+        self._check_inference(x, other)
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self._packed, self.bias, "mul")
 
     # ---------------------------------------------------------------- refusals
     def train(self, mode: bool = True) -> "PackedLinear":
