@@ -42,11 +42,15 @@ def loaded():
     return onepeace.load(TINY_CKPT)
 
 
-def test_capability_is_asked_per_dtype_once():
+def test_capability_is_asked_per_dtype_once(monkeypatch):
+    real = torch.ops.mkldnn._is_mkldnn_bf16_supported
+    asked = []
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: asked.append(1) or real())
+    cpu_can_pack.cache_clear()
     assert cpu_can_pack(torch.float32)
-    assert cpu_can_pack(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert all(cpu_can_pack(torch.bfloat16) == real() for _ in range(3))
+    assert asked == [1]  # oneDNN asked once, then the answer is cached
     assert not cpu_can_pack(torch.float16)  # never packed (untested oneDNN path)
-    assert cpu_can_pack.cache_info().currsize >= 3  # answered once per dtype, then cached
 
 
 def test_load_packs_on_cpu_and_the_fixture_still_matches(loaded, tiny_expected):
