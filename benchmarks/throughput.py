@@ -1,6 +1,7 @@
-"""Embedding throughput: onepeace's fast path vs its `reference` mode (the plain implementation:
-plain weights, eager attention with a float32 softmax, the (B, H, S, S) mask rebuilt in every
-layer, unfused projections, batches padded to the longest item), with achieved GFLOP/s of the
+"""Embedding throughput: onepeace's fast path (on CPU with packed and with dense weights, both in one
+run) vs its `reference` mode (the plain implementation: plain weights, eager attention with a
+float32 softmax, the (B, H, S, S) mask rebuilt in every layer, unfused projections, batches padded
+to the longest item), with achieved GFLOP/s of the
 encoder's matrix products and their fraction of a matmul peak measured in the same run, at the same
 dtype (float32 by default) on the same device.
 
@@ -42,7 +43,7 @@ def matmul_peak(runs: int, device: str = "cpu", dtype: torch.dtype = torch.float
     shapes, each the median of its runs (a single shape under-reads the peak on a noisy shared
     machine); on CPU with both of torch's GEMMs: MKL (torch.mm) and oneDNN with a packed weight
     (what onepeace runs)."""
-    from onepeace.modeling.packed_linear import linear, pack_weight, packable
+    from onepeace.modeling.packed import linear, pack_weight, packable
 
     best = 0.0
     shapes = ((2048, 2048, 2048), (2048, 768, 3072), (4096, 1536, 1536))
@@ -148,6 +149,48 @@ def cases(model, rng):
     }
 
 
+def build_modes(args, dtype: torch.dtype) -> dict[str, onepeace.OnePeaceModel]:
+    """mode -> model, the same seeded weights in each. CPU: 'packed' (what onepeace.load returns:
+    `to_packed`, where this CPU can pack the dtype) and 'dense' (`to_dense`, plain nn.Linear), so one
+    run shows both; GPU or --fuse: 'fused'. Always 'reference' (the plain implementation)."""
+    modes = {}
+    if args.fuse or args.device == "cuda":
+        modes["fused"] = build(args.size, args.device, dtype).fuse_for_inference()  # what load does on GPUs
+    else:
+        if not args.no_pack:
+            modes["packed"] = build(args.size, args.device, dtype).to_packed()  # what load does on CPU
+        modes["dense"] = build(args.size, args.device, dtype)
+    modes["reference"] = build(args.size, args.device, dtype)
+    modes["reference"].reference_mode = True
+    return modes
+
+
+def print_table(args, rows, modes, peaks: tuple[float, float]) -> None:
+    """rows: (case, items, flops, {mode: seconds}); the speed-up is against the reference."""
+    cfg = next(iter(modes.values())).config.encoder
+    where = (torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads")
+    packed = modes.get("packed")
+    if packed is None:
+        packing = "no packed mode"
+    else:
+        packing = "packed mode: " + ("oneDNN-packed weights" if packed.is_packed else
+                                     f"plain weights (this CPU cannot pack {args.dtype})")
+    peak = max(peaks)
+    print(f"size {args.size}: D={cfg.embed_dim} F={cfg.ffn_embed_dim} L={cfg.layers} H={cfg.attention_heads}; "
+          f"torch {torch.__version__}, {where}; {args.dtype} matmul peak {peak:.0f} GFLOP/s "
+          f"(measured before / after the cases: {peaks[0]:.0f} / {peaks[1]:.0f}); "
+          f"{packing}; "
+          f"medians of {args.runs} runs, {args.clock} clock")
+    header = (f"{'case':<22} {'mode':<9} {'latency':>10} {'items/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'speed-up':>9}")
+    print(header)
+    print("-" * len(header))
+    for name, n, flops, times in rows:
+        for mode, t in times.items():
+            gflops = flops / t / 1e9
+            ratio = f"{times['reference'] / t:>8.2f}x" if mode != "reference" else ""
+            print(f"{name:<22} {mode:<9} {t * 1000:>8.1f}ms {n / t:>9.2f} {gflops:>8.1f} {100 * gflops / peak:>6.1f}% {ratio:>9}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="base", choices=["base", "4b-layer"])
@@ -156,10 +199,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="compute dtype of both modes and of the peak (on a GPU: bfloat16)")
+                        help="compute dtype of every mode and of the peak (on a GPU: bfloat16)")
     parser.add_argument("--fuse", action="store_true", help="fused q/k/v and GeGLU projections (GPU default)")
-    parser.add_argument("--no-pack", action="store_true",
-                        help="keep plain weights (onepeace.load packs them into oneDNN's layout on CPU)")
+    parser.add_argument("--no-pack", action="store_true", help="on CPU, measure the dense mode only (no packed row)")
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
                         help="process: time by this process's CPU seconds, which other jobs on a shared machine "
                              "do not inflate; use with --threads 1, where CPU seconds = single-core latency")
@@ -171,44 +213,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     peak = matmul_peak(args.runs, args.device, dtype)
-    fast = build(args.size, args.device, dtype)
-    if args.fuse or args.device == "cuda":
-        fast.fuse_for_inference()  # what onepeace.load does on GPUs
-    elif not args.no_pack:
-        fast.pack_cpu_weights()  # what onepeace.load does on CPU
-    plain = build(args.size, args.device, dtype)
-    plain.reference_mode = True
-    cfg = fast.config.encoder
-    where = (torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads")
-    rng = np.random.default_rng(0)
-    fast_cases = cases(fast, np.random.default_rng(0))
-    plain_cases = cases(plain, np.random.default_rng(0))
+    modes = build_modes(args, dtype)
+    mode_cases = {mode: cases(model, np.random.default_rng(0)) for mode, model in modes.items()}
     rows = []
-    for name, (n, fn, lengths) in fast_cases.items():
+    for name, (n, _, lengths) in next(iter(mode_cases.values())).items():
         if args.only and args.only not in name:
             continue
         print(f"  measuring {name} ...", file=sys.stderr, flush=True)
-        t_fast = timed(fn, args.runs, args.device)
-        t_plain = timed(plain_cases[name][1], args.runs, args.device)
-        rows.append((name, n, encoder_flops(cfg, lengths), t_fast, t_plain))
+        times = {mode: timed(mode_cases[mode][name][1], args.runs, args.device) for mode in modes}
+        rows.append((name, n, encoder_flops(modes["reference"].config.encoder, lengths), times))
     # the peak again after the cases: on a shared machine one reading can be low, which would
     # inflate every "% peak" (the table uses the higher of the two)
-    peak_end = matmul_peak(args.runs, args.device, dtype)
-    print(f"size {args.size}: D={cfg.embed_dim} F={cfg.ffn_embed_dim} L={cfg.layers} H={cfg.attention_heads}; "
-          f"torch {torch.__version__}, {where}; {args.dtype} matmul peak {max(peak, peak_end):.0f} GFLOP/s "
-          f"(measured before / after the cases: {peak:.0f} / {peak_end:.0f}); onepeace weights "
-          f"{'packed (oneDNN)' if fast.cpu_weights_packed else 'fused' if args.device == 'cuda' or args.fuse else 'plain'}; "
-          f"medians of {args.runs} runs, {args.clock} clock")
-    peak = max(peak, peak_end)
-    header = (f"{'case':<22} {'mode':<9} {'latency':>10} {'items/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'speed-up':>9}")
-    print(header)
-    print("-" * len(header))
-    for name, n, flops, t_fast, t_plain in rows:
-        for mode, t in (("onepeace", t_fast), ("reference", t_plain)):
-            gflops = flops / t / 1e9
-            ratio = f"{t_plain / t_fast:>8.2f}x" if mode == "onepeace" else ""
-            print(f"{name:<22} {mode:<9} {t * 1000:>8.1f}ms {n / t:>9.2f} {gflops:>8.1f} {100 * gflops / peak:>6.1f}% {ratio:>9}")
-    del rng
+    print_table(args, rows, modes, (peak, matmul_peak(args.runs, args.device, dtype)))
+
 
 if __name__ == "__main__":
     main()

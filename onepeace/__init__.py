@@ -46,9 +46,11 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
         None (default) fuses on GPUs only: on CPUs we measured the fused GeGLU ~20% slower
         (benchmarks/throughput.py), the CPU GEMM gaining nothing from the wider matrix.
     compile: torch.compile the shared encoder (slow first call, faster after; needs a compiler).
-    pack: pack the encoder's linear weights into oneDNN's CPU layout (`OnePeaceModel.pack_cpu_weights`:
-        same numbers, no extra memory, ~2.5x faster short queries). None (default) packs on CPU for
-        float32 and bfloat16 (unless `fuse` or `compile`). ``model.train()`` unpacks them again.
+    pack: swap the encoder's linear layers for inference-only oneDNN-packed ones (`OnePeaceModel.to_packed`:
+        same numbers, no extra memory, ~2.5x faster short queries) where this CPU can pack the dtype
+        (`onepeace.modeling.packed.cpu_can_pack`: float32; bfloat16 with avx512bw/vl/dq or avx_ne_convert;
+        elsewhere the weights stay plain). None (default) packs on CPU unless `fuse` or `compile`.
+        A packed model refuses training and gradients: ``model.to_dense()`` (or pack=False) for those.
     The returned model is in eval mode; `model.load_report` says what was ignored or recomputed.
     """
     from .checkpoint import CONFIG_FILE, load_converted, load_released_checkpoint
@@ -67,13 +69,13 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
         model, _ = load_released_checkpoint(path, modalities=modalities, dtype=dtype, device=device,
                                             allow_unsafe=allow_unsafe_pickle)
     fused = bool(fuse or (fuse is None and torch.device(device).type == "cuda"))
+    if pack and (compile or fuse):
+        raise ValueError(f"pack=True and {'compile' if compile else 'fuse'}=True do not mix: packed weights cannot "
+                         "be fused or traced by torch.compile (it packs its own); pass one of them")
     if fused:
         model.fuse_for_inference()
-    if pack and compile:
-        raise ValueError("pack=True and compile=True do not mix: torch.compile cannot trace the packed "
-                         "weights (it packs its own); pass one of them")
     if pack or (pack is None and not fused and not compile):
-        model.pack_cpu_weights()  # a no-op where oneDNN cannot pack (GPU, float16)
+        model.to_packed()  # keeps plain weights where this CPU cannot pack the dtype (and on GPUs)
     if compile:
         model.compile_encoder()
     return model

@@ -170,6 +170,7 @@ def _optimizer_step(model, opt, sched, loss: torch.Tensor) -> None:
 
 def train_classify(model, cfg: FinetuneConfig, entries: Sequence[dict], classes: Sequence[str]) -> list[float]:
     """Attach a classify head over `cfg.modality` and train it (with the trainable encoder parts)."""
+    model.to_dense()  # training needs dense weights (onepeace.load packs them on CPU); before freezing
     head = ClassifyHeadConfig(head_type=cfg.modality, num_classes=len(classes), attn_pooling=cfg.pooling == "attention",
                               use_pooler=True, head_scale_ratio=cfg.head_scale_ratio)
     torch.manual_seed(cfg.seed)
@@ -216,6 +217,7 @@ def train_retrieval(model, cfg: FinetuneConfig, entries: Sequence[dict]) -> list
     caption embeddings are constants: they are computed once, not in every step."""
     from .losses.contrastive import contrastive_loss
 
+    model.to_dense()  # training needs dense weights (onepeace.load packs them on CPU); before freezing
     apply_trainable(model, cfg.frozen, cfg.trainable)
     captions = sorted({e["text"] for e in entries})
     caption_id = {t: i for i, t in enumerate(captions)}

@@ -32,37 +32,37 @@ def test_reference_mode_matches_the_fixture_and_the_fast_path(tiny_expected):
         assert err <= 1e-5 and max_rel_error(a.embeddings[m], b.embeddings[m]) <= 1e-5
 
 
-def test_packed_rows_equal_the_padded_computation(model, monkeypatch):
+def test_real_rows_equal_the_padded_computation(model, monkeypatch):
     """At inference a padded one-modality batch runs its row-wise ops on the real rows only; the
     result equals the padded computation (grad enabled takes the padded path) on every real row."""
     from onepeace.modeling import attention, model as model_module
 
     made = []
 
-    class SpyPackedRows(attention.PackedRows):
+    class SpyRealRows(attention.RealRows):
         def __init__(self, padding_mask):
             super().__init__(padding_mask)
             made.append(int(self.index.numel()))
 
-    monkeypatch.setattr(model_module, "PackedRows", SpyPackedRows)
+    monkeypatch.setattr(model_module, "RealRows", SpyRealRows)
     text = torch.tensor([[5, 6, 2, 1, 1, 1], [8, 9, 10, 11, 12, 2], [7, 2, 1, 1, 1, 1]])
     from onepeace.data.audio import collate_waveforms
 
     audio, audio_mask = collate_waveforms([torch.randn(16000), torch.randn(30000)],
                                           model.config.adapters["audio"].feature_encoder_spec)
     with torch.inference_mode():
-        packed = model(text=text, audio=audio, audio_padding_mask=audio_mask)
+        unpadded = model(text=text, audio=audio, audio_padding_mask=audio_mask)
     assert made == [(3 + 1) + (6 + 1) + (2 + 1),  # real ids + a CLS per row
-                    int((~packed.padding_masks["audio"]).sum())]  # real rows incl. CLS
+                    int((~unpadded.padding_masks["audio"]).sum())]  # real rows incl. CLS
     with torch.enable_grad():
         padded = model(text=text, audio=audio, audio_padding_mask=audio_mask)
     for m in ("text", "audio"):
         real = ~padded.padding_masks[m]
-        err = max_rel_error(packed.hidden_states[m][real], padded.hidden_states[m][real].detach())
-        print(f"packed vs padded {m} hidden (real rows): {err:.1e}")
+        err = max_rel_error(unpadded.hidden_states[m][real], padded.hidden_states[m][real].detach())
+        print(f"real rows vs padded {m} hidden (real rows): {err:.1e}")
         assert err <= 1e-5
-        assert max_rel_error(packed.embeddings[m], padded.embeddings[m].detach()) <= 1e-5
-        assert not packed.hidden_states[m][~real].any()  # padding rows come back as zeros
+        assert max_rel_error(unpadded.embeddings[m], padded.embeddings[m].detach()) <= 1e-5
+        assert not unpadded.hidden_states[m][~real].any()  # padding rows come back as zeros
 
 
 def test_time_major_audio_front_end_equals_the_conv_front_end(model):

@@ -25,7 +25,7 @@ def test_every_parameter_gets_a_gradient():
     images = torch.randn(2, 3, 64, 64)
     audio = torch.randn(2, 16000)
     single = model(text=tokens, image=images, audio=audio)
-    joint = model(text=tokens, image=images, audio=audio, fuse=True)
+    joint = model(text=tokens, image=images, audio=audio, joint=True)
     loss = sum(e.sum() for e in single.embeddings.values()) + sum(h.pow(2).mean() for h in joint.hidden_states.values())
     loss = loss + model.logit_scale
     loss.backward()
@@ -39,7 +39,7 @@ def test_three_modality_joint_pass_text_first(tiny_random):
     images = torch.randn(2, 3, 64, 64)
     audio = torch.randn(2, 16000)
     with torch.no_grad():
-        out = tiny_random(audio=audio, image=images, text=tokens, fuse=True)
+        out = tiny_random(audio=audio, image=images, text=tokens, joint=True)
     assert list(out.hidden_states) == ["text", "image", "audio"]
     assert out.hidden_states["text"].shape == (2, 5, 64)
     assert out.hidden_states["image"].shape == (2, 17, 64)

@@ -11,23 +11,23 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module", params=["default", "fused", "reference"])
 def outputs(request, tiny_expected):
-    """The ten outputs with the default CPU path (weights packed for oneDNN, packed rows, time-major
+    """The ten outputs with the default CPU path (weights packed for oneDNN, real rows only, time-major
     audio front end), with the fused projections, and in reference mode (plain weights)."""
     import onepeace
     from conftest import TINY_CKPT
 
     tiny_model = onepeace.load(TINY_CKPT, fuse=request.param == "fused", pack=request.param == "default")
     tiny_model.reference_mode = request.param == "reference"
-    from onepeace.modeling.packed_linear import cpu_packing_available
+    from onepeace.modeling.packed import cpu_can_pack
 
-    assert tiny_model.cpu_weights_packed == (request.param == "default" and cpu_packing_available())
+    assert tiny_model.is_packed == (request.param == "default" and cpu_can_pack(torch.float32))
     i = tiny_expected["inputs"]
     with torch.inference_mode():
         single = tiny_model(text=i["src_tokens"], image=i["src_images"], audio=i["src_audios"],
                             audio_padding_mask=i["audio_padding_masks"])
-        vl = tiny_model(text=i["src_tokens"][:2], image=i["src_images"], fuse=True)
+        vl = tiny_model(text=i["src_tokens"][:2], image=i["src_images"], joint=True)
         al = tiny_model(text=i["src_tokens"][:2], audio=i["src_audios"],
-                        audio_padding_mask=i["audio_padding_masks"], fuse=True)
+                        audio_padding_mask=i["audio_padding_masks"], joint=True)
     return {
         "mode": request.param,
         "text_embed": (single.embeddings["text"], None),

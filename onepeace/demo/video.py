@@ -150,8 +150,7 @@ def _video_numbers(result: dict[str, Any]) -> dict[str, float]:
 
 
 def snapshot_parameters(model) -> dict[str, torch.Tensor]:
-    """Every parameter's value, read through the state dict (a CPU-packed layer's parameter holds only a
-    placeholder; its state-dict entry is the dense weight)."""
+    """Every parameter's value (cloned), read through the state dict."""
     names = {name for name, _ in model.named_parameters()}
     return {name: t.detach().clone() for name, t in model.state_dict().items() if name in names}
 
@@ -178,6 +177,7 @@ def train_video_branch(model, train_manifest: str | Path, settings: VideoDemoSet
     Returns (losses, names of pre-existing parameters that changed: must be empty)."""
     from ..finetune import FinetuneConfig, labelled_entries, train_retrieval
 
+    model.to_dense()  # training needs dense weights (onepeace.load packs them on CPU)
     before = snapshot_parameters(model)
     add_video_branch(model, settings.frames)
     cfg = FinetuneConfig(model="(in memory)", train_manifest=str(train_manifest), mode="retrieval", modality="video",

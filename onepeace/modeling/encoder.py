@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import EncoderConfig
-from .attention import PackedRows, SelfAttention
+from .attention import RealRows, SelfAttention
 from .layers import DropPath, GeGLUFeedForward
 
 Layout = Sequence[tuple[str, int]]  # ((segment name, number of rows), ...) in sequence order
@@ -54,9 +54,9 @@ class EncoderLayer(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, layout: Layout, eager: bool = False,
-                packed: PackedRows | None = None) -> torch.Tensor:
-        """x: (B, S, D), or the (N, D) real rows of a one-segment batch with `packed` (inference)."""
-        a = self.attn(self.attn_norm(x), attn_mask, eager=eager, packed=packed)
+                rows: RealRows | None = None) -> torch.Tensor:
+        """x: (B, S, D), or the (N, D) real rows of a one-segment batch with `rows` (inference)."""
+        a = self.attn(self.attn_norm(x), attn_mask, eager=eager, rows=rows)
         if self.attn_out_norm is not None:
             a = self.attn_out_norm(a)
         if not torch.is_grad_enabled() and not self.training:
@@ -93,12 +93,12 @@ class Encoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, attn_masks, layout: Layout, eager: bool = False,
-                packed: PackedRows | None = None) -> torch.Tensor:
+                rows: RealRows | None = None) -> torch.Tensor:
         """x: (B, S, D); attn_masks: None, one additive mask for all layers, one per layer, or a
         function of the layer index (the reference mode rebuilds its mask in every layer).
-        With `packed` (one segment, inference), x is the (N, D) real rows and so is the result."""
-        if packed is not None and len(layout) != 1:
-            raise ValueError("packed rows need a one-segment layout (the expert of every row is the same)")
+        With `rows` (one segment, inference), x is the (N, D) real rows and so is the result."""
+        if rows is not None and len(layout) != 1:
+            raise ValueError("real rows need a one-segment layout (the expert of every row is the same)")
         for i, layer in enumerate(self.layers):
             if callable(attn_masks):
                 mask = attn_masks(i)
@@ -107,5 +107,5 @@ class Encoder(nn.Module):
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, mask, layout, eager, use_reentrant=False)
             else:
-                x = layer(x, mask, layout, eager, packed)
+                x = layer(x, mask, layout, eager, rows)
         return apply_per_segment(self.final_norms, x, layout)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .packed_linear import PackableLinear, packed_linear, packed_linear_mul
+from .packed import PackedLinear, require_dense
 
 
 class DropPath(nn.Module):
@@ -35,16 +35,15 @@ class GeGLUFeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, scale_fc: bool = True, activation_dropout: float = 0.0):
         super().__init__()
-        self.wi_0 = PackableLinear(dim, hidden_dim, bias=False)
-        self.wi_1 = PackableLinear(dim, hidden_dim, bias=False)
+        self.wi_0 = nn.Linear(dim, hidden_dim, bias=False)
+        self.wi_1 = nn.Linear(dim, hidden_dim, bias=False)
         self.dropout = nn.Dropout(activation_dropout)
         self.norm = nn.LayerNorm(hidden_dim) if scale_fc else None
-        self.fc_out = PackableLinear(hidden_dim, dim)
+        self.fc_out = nn.Linear(hidden_dim, dim)
 
     def fuse_projections(self) -> None:
         """wi_0 / wi_1 as views into one (2F, D) tensor: one matmul at inference (see SelfAttention)."""
-        self.wi_0.unpack()
-        self.wi_1.unpack()
+        require_dense(self.wi_0, self.wi_1, to="fuse the GeGLU inputs")
         with torch.no_grad():
             fused = torch.cat([self.wi_0.weight, self.wi_1.weight], dim=0)
             F_ = self.wi_0.weight.shape[0]
@@ -52,9 +51,16 @@ class GeGLUFeedForward(nn.Module):
             self.wi_1.weight.data = fused[F_:]
         self._wi_weight = fused
 
+    def unfuse_projections(self) -> None:
+        """Drop the fused tensor (wi_0 / wi_1 keep their values; before packing)."""
+        self._wi_weight = None
+
     def _fused_wi(self) -> torch.Tensor | None:
         fused = getattr(self, "_wi_weight", None)
         if fused is None or torch.is_grad_enabled():
+            return None
+        if not isinstance(self.wi_0, nn.Linear):  # packed since (pack_linears): the copy is stale
+            self._wi_weight = None
             return None
         step = fused[0].numel() * fused.element_size() * self.wi_0.weight.shape[0]
         if self.wi_0.weight.data_ptr() != fused.data_ptr() or self.wi_1.weight.data_ptr() != fused.data_ptr() + step:
@@ -64,8 +70,9 @@ class GeGLUFeedForward(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
         fused = self._fused_wi()
-        if self.wi_0.is_packed and self.wi_1.is_packed:  # CPU inference: GELU and product inside the GEMMs
-            hidden = packed_linear_mul(self.wi_1, h, packed_linear(self.wi_0, h, activation="gelu"))
+        if isinstance(self.wi_0, PackedLinear) and isinstance(self.wi_1, PackedLinear):
+            # CPU inference: GELU and the product inside the packed GEMMs
+            hidden = self.wi_1.forward_mul(h, self.wi_0.forward_gelu(h))
         elif fused is not None:
             gate, up = F.linear(h, fused).chunk(2, dim=-1)
             hidden = F.gelu(gate) * up

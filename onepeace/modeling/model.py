@@ -13,8 +13,9 @@ from torch import nn
 from ..config import AdapterConfig, ClassifyHeadConfig, ModelConfig
 from ..registry import adapter_class
 from .adapters import AdapterOutput
-from .attention import PackedRows
+from .attention import RealRows
 from .encoder import Encoder
+from .packed import PackedLinear, pack_linears, unpack_linears
 
 
 @dataclass
@@ -80,42 +81,71 @@ class OnePeaceModel(nn.Module):
 
     def fuse_for_inference(self) -> "OnePeaceModel":
         """One matmul for q/k/v and one for the GeGLU input projections of every layer (the
-        parameters become views of the fused tensors: no extra memory, same state dict)."""
+        parameters become views of the fused tensors: no extra memory, same state dict). For GPUs;
+        a packed model is refused (call `to_dense` first: on CPU the packed weights are faster)."""
         for layer in self.encoder.layers:
             layer.attn.fuse_projections()
             for expert in layer.ffn.values():
                 expert.fuse_projections()
         return self
 
-    def pack_cpu_weights(self) -> "OnePeaceModel":
-        """Pack the encoder's linear weights into oneDNN's layout for CPU inference (float32 or
-        bfloat16): the same numbers (<= 1e-6 relative), short inputs ~2.5x and large batches ~1.3x
-        faster, no extra memory (see modeling/packed_linear.py). ``onepeace.load`` does this on CPU.
-        ``model.train()``, ``.to()``, ``load_state_dict`` or `unpack_cpu_weights` undo it, and so does a
-        forward with gradients enabled (with a warning; the packed ops have no backward). While packed,
-        a layer's weight Parameter holds a NaN placeholder: read weights through ``state_dict()``."""
-        from .packed_linear import pack_linear_weights
+    # ------------------------------------------------------------------ packed CPU inference
+    def to_packed(self) -> "OnePeaceModel":
+        """Swap the encoder's nn.Linear layers for inference-only `PackedLinear` layers where this CPU
+        can pack their dtype (`onepeace.modeling.packed.cpu_can_pack`; elsewhere they stay nn.Linear):
+        the same numbers (<= 1e-6 relative), short inputs ~2.5x and large batches ~1.3x faster, the
+        dense weights released (no second copy). ``onepeace.load`` does this on CPU.
 
-        pack_linear_weights(self.encoder)
+        A packed model is an inference model: it is put in eval mode and its parameters are frozen
+        (requires_grad=False, so a plain ``model(...)`` builds no graph); it refuses ``train()``, a
+        forward whose inputs require gradients and dtype/device changes until `to_dense`, which gives
+        the requires_grad flags back. Fused projections (`fuse_for_inference`) are dropped first."""
+        self.eval()
+        for layer in self.encoder.layers:
+            layer.attn.unfuse_projections()
+            for expert in layer.ffn.values():
+                expert.unfuse_projections()
+        trainable = [name for name, p in self.named_parameters() if p.requires_grad]
+        if pack_linears(self.encoder) and not hasattr(self, "_trainable_when_packed"):
+            self._trainable_when_packed = trainable  # names (weights included), given back by to_dense
+        if self.is_packed:
+            self.requires_grad_(False)
         return self
 
-    def unpack_cpu_weights(self) -> "OnePeaceModel":
-        """Dense weights again (bit-identical), e.g. to compute gradients in eval mode."""
-        from .packed_linear import unpack_linear_weights
-
-        unpack_linear_weights(self)
+    def to_dense(self) -> "OnePeaceModel":
+        """Plain nn.Linear layers again (bit-identical weights) and the requires_grad flags from before
+        `to_packed`: to train, differentiate or convert the model."""
+        unpack_linears(self)
+        trainable = self.__dict__.pop("_trainable_when_packed", None)
+        if trainable is not None:
+            trainable = set(trainable)
+            for name, p in self.named_parameters():
+                p.requires_grad_(name in trainable)
         return self
 
     @property
-    def cpu_weights_packed(self) -> bool:
-        from .packed_linear import PackableLinear
+    def is_packed(self) -> bool:
+        """Whether any layer is a `PackedLinear` (see `to_packed`)."""
+        return any(isinstance(m, PackedLinear) for m in self.modules())
 
-        return any(isinstance(m, PackableLinear) and m.is_packed for m in self.modules())
+    def train(self, mode: bool = True) -> "OnePeaceModel":
+        if mode and self.is_packed:  # refused before any submodule changes mode
+            raise RuntimeError("this model's weights are packed for CPU inference and cannot train: call "
+                               "model.to_dense() first (or load with onepeace.load(..., pack=False))")
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda(): refuse a conversion packed layers cannot follow BEFORE any tensor
+        # is converted (nn.Module converts child by child: a late refusal would leave a mixed model)
+        for module in self.modules():
+            if isinstance(module, PackedLinear):
+                module.check_conversion(fn)
+        return super()._apply(fn, recurse)
 
     def compile_encoder(self, **kwargs: Any) -> "OnePeaceModel":
-        """torch.compile the shared encoder in place (parameter names unchanged). Packed CPU weights
-        are unpacked first: torch.compile cannot trace them (it packs its own)."""
-        self.unpack_cpu_weights()
+        """torch.compile the shared encoder in place (parameter names unchanged). The model is made
+        dense first (`to_dense`): torch.compile cannot trace packed weights (it packs its own)."""
+        self.to_dense()
         self.encoder.compile(**kwargs)
         return self
 
@@ -191,8 +221,8 @@ class OnePeaceModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, text: torch.Tensor | None = None, image: torch.Tensor | None = None,
                 audio: torch.Tensor | None = None, audio_padding_mask: torch.Tensor | None = None,
-                fuse: bool = False, **other: torch.Tensor) -> ModelOutput:
-        """Run single-modality passes (default) or ONE joint pass over all given modalities (`fuse`).
+                joint: bool = False, **other: torch.Tensor) -> ModelOutput:
+        """Run single-modality passes (default) or ONE joint pass over all given modalities (`joint`).
 
         text: (B, T) int64 ids, pad 1; image: (B, 3, S, S) normalised; audio: (B, N) 16 kHz
         waveforms (layer-normed, zero-padded) with `audio_padding_mask` (B, T'+1), True = pad.
@@ -210,7 +240,7 @@ class OnePeaceModel(nn.Module):
         outs = {m: self.embed_inputs(m, inputs[m], masks.get(m)) for m in order}
 
         result = ModelOutput()
-        groups = [order] if fuse else [[m] for m in order]
+        groups = [order] if joint else [[m] for m in order]
         for group in groups:
             hidden = self.encode(
                 [(m, outs[m]) for m in group])
@@ -256,8 +286,8 @@ class OnePeaceModel(nn.Module):
             if has_padding and masks is not None and len(segments) == 1 and not torch.is_grad_enabled():
                 # inference on a padded one-modality batch: every row-wise op runs on the real rows only
                 # (padded keys are -inf in the mask, so the padded rows never influence real ones)
-                packed = PackedRows(padding_mask)
-                hidden = packed.unpack(self.encoder(packed.pack(x), masks, layout, packed=packed))
+                rows = RealRows(padding_mask)
+                hidden = rows.scatter(self.encoder(rows.gather(x), masks, layout, rows=rows))
             else:
                 hidden = self.encoder(x, masks, layout)
         result, start = {}, 0

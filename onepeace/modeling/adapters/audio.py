@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import AdapterConfig
-from ..packed_linear import linear, pack_weight, packable
+from ..packed import linear, pack_weight, packable
 from ..relative_position import bucket_index_1d
 from .base import Adapter, AdapterOutput
 
@@ -44,8 +44,8 @@ class FeatureConvBlock(nn.Module):
         return F.gelu(self.norm(y))
 
     def _window_weight(self) -> torch.Tensor:
-        """conv.weight (C_out, C_in, k) as (C_out, k C_in) in window order, packed where oneDNN can;
-        cached until the weight changes (a new tensor, an in-place update or another dtype)."""
+        """conv.weight (C_out, C_in, k) as (C_out, k C_in) in window order, packed where this CPU can
+        pack the dtype (`packed.packable`, the encoder layers' check; else dense); cached until the weight changes (a new tensor, an in-place update or another dtype)."""
         w = self.conv.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         cached = getattr(self, "_window_cache", None)
