@@ -142,7 +142,8 @@ def _layers(packages: dict[str, set[str]]) -> list[list[str]]:
     layers, placed = [], set()
     while len(placed) < len(comps):
         ready = sorted(i for i in deps if i not in placed and deps[i] <= placed)
-        layers.append(sorted(comps[i][0] if len(comps[i]) == 1 else "{" + ", ".join(comps[i]) + "}" for i in ready))
+        names = [[p.removeprefix("onepeace.") for p in comps[i]] for i in ready]
+        layers.append(sorted(n[0] if len(n) == 1 else "{" + ", ".join(n) + "}" for n in names))
         placed.update(ready)
     return layers
 
@@ -163,6 +164,9 @@ def test_the_walker_sees_function_level_and_relative_imports(tmp_path):
     src = tmp_path / "m.py"
     src.write_text("def f():\n    from . import inference\n    from .data.files import find_inputs\n")
     assert _imports("onepeace.fake", src, mods) == {"onepeace.inference", "onepeace.data.files"}
+    # and a cycle is found and printed as a path
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _layers({"x": set(), "y": {"x"}, "z": {"y", "w"}, "w": {"z"}}) == [["x"], ["y"], ["{w, z}"]]
 
 
 def test_no_import_cycles_and_the_library_below_the_applications():
@@ -170,7 +174,7 @@ def test_no_import_cycles_and_the_library_below_the_applications():
     layers = _layers(_package_graph(graph))
     print("package layers (each imports only layers above it):")
     for i, layer in enumerate(layers):
-        print(f"  {i}: {', '.join(p.removeprefix('onepeace.') for p in layer)}")
+        print(f"  {i}: {', '.join(layer)}")
     cycles = _cycles(graph)
     for cycle in cycles:
         print("import cycle:", " -> ".join(cycle))

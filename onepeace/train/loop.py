@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import random
-import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -309,7 +308,6 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.stage.name}", unit="step",
                    disable=not (cfg.progress and self.ctx.is_main))
         last: dict[str, float] = {}
-        kill_at = int(os.environ.get("ONEPEACE_TRAIN_KILL_AT_STEP", "0"))  # tests: die like a killed job
         while self.step < cfg.steps:
             loader, steps_per_epoch = self._loader(self.epoch, self.step_in_epoch)
             it = iter(loader)
@@ -331,8 +329,6 @@ class Trainer:
                     self.evaluate(metrics_path)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.step == stop_at:
                     self.save_checkpoint()
-                    if kill_at and self.step == kill_at:
-                        os.kill(os.getpid(), signal.SIGKILL)
                 if stop_at is not None and self.step >= stop_at:
                     bar.close()
                     return last
