@@ -26,6 +26,7 @@ def assets_with_corrupt_file(tmp_path):
     return folder
 
 
+@pytest.mark.slow  # a subprocess loading torch
 def test_embed_folder_reports_and_skips_bad_files(tmp_path, assets_with_corrupt_file):
     out = tmp_path / "emb.npz"
     env = {**os.environ, "ONEPEACE_BPE_DIR": str(BPE_DIR)}

@@ -181,6 +181,7 @@ def test_two_ranks_write_their_own_shards_and_rank0_merges(collection, tmp_path,
     assert SearchIndex(out).stats()["searchable"] == SearchIndex(single).stats()["searchable"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_one_shard_set_per_rank_merged(collection, tmp_path, tiny_model_dir):
     out = tmp_path / "idx"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -121,7 +121,9 @@ def test_no_weight_decay_on_biases_norms_positions_and_cls():
     assert decays == [0.05, 0.0]
 
 
+@pytest.mark.slow
 # ------------------------------------------------------------------------------ distributed
+@pytest.mark.slow  # torchrun
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_processes_end_with_the_same_parameters_as_one(data, tmp_path, sharding):
     raw = _config(data, tmp_path / "ddp", fsdp=sharding == "fsdp")
@@ -209,6 +211,7 @@ def test_start_from_an_embedding_model_gets_a_new_decoder(data, tmp_path):
     trainer.fit()
 
 
+@pytest.mark.slow  # a training run
 def test_bad_items_are_logged_and_skipped(data, tmp_path, caplog):
     lines = open(data / "vl.jsonl").read().splitlines()
     lines[3] = json.dumps({"image": str(tmp_path / "missing.png"), "text": "a lost square"})
@@ -224,6 +227,7 @@ def test_bad_items_are_logged_and_skipped(data, tmp_path, caplog):
     assert "missing.png" in caplog.text and "corrupt.png" in caplog.text
 
 
+@pytest.mark.slow  # a training run
 def test_bf16_autocast_and_activation_checkpointing(data, tmp_path):
     base = _config(data, tmp_path / "a", steps=1)
     plain = Trainer(TrainConfig.from_dict(base)).fit()
@@ -258,6 +262,7 @@ def test_config_errors_are_clear(data):
         TrainConfig.from_dict(_config(data, "x", precision="fp8"))
 
 
+@pytest.mark.slow  # DataLoader worker processes, two runs
 def test_dataloader_workers_do_not_change_the_batches(data, tmp_path):
     """Masks depend only on (seed, epoch, item): 2 worker processes give what 0 workers give."""
     base = _config(data, tmp_path / "w0", steps=2)
