@@ -3,14 +3,15 @@
     GET  /                       the search page (text, image upload, audio upload or recording, weights)
     GET  /api/health             {"status": "ok", "items": n, "model_id": ...}
     GET  /api/stats              counts per modality, FAISS choice, model, root
-    POST /api/search             {"parts": [part, ...], "modality": "image"|null, "k": 10} -> {"results": [...]}
+    POST /api/search             {"parts": [part, ...], "modality": MODALITY|null, "k": 10} -> {"results": [...]}
     POST /api/embed              {"parts": [part, ...]} -> {"embeddings": [[...], ...], "composed": [...]}
-    GET  /api/item/ID/file       the indexed image or audio file of item ID (only indexed files are served)
-    GET  /api/item/ID/thumb      a PNG thumbnail (longest side <= 256) of image item ID
+    GET  /api/item/ID/file       the indexed file of item ID (only whole indexed files are served)
+    GET  /api/item/ID/thumb      a PNG thumbnail (longest side <= 256) of item ID, an image file
 
-A part is {"modality": "text", "text": "a cow", "weight": 1} or {"modality": "image"|"audio",
-"data": "<base64 file>", "filename": "cow.flac", "weight": 1}; {"text": "a cow"} is short for one
-text part. Uploads are size-limited and type-checked by their first bytes; a bad request gets a 4xx
+A part is {"modality": "text", "text": "a cow", "weight": 1} (a part given as a string) or
+{"modality": M, "data": "<base64 file>", "filename": "cow.flac", "weight": 1} for any modality M of
+the model whose file type the upload's first bytes show (SIGNATURES + the registered suffixes);
+{"text": "a cow"} is short for one text part. Uploads are size-limited; a bad request gets a 4xx
 JSON {"error": "..."} naming the part, and the server keeps running.
 """
 from __future__ import annotations
