@@ -160,7 +160,7 @@ def test_web_page_in_headless_chromium(server):
             "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"])
         page = browser.new_page(viewport={"width": 1200, "height": 900}, permissions=["microphone"])
         page.goto(url)
-        sync_api.expect(page.locator("#stats")).to_contain_text("5 text, 8 image, 4 audio")  # the model's modality order
+        sync_api.expect(page.locator("#stats")).to_contain_text("8 image, 4 audio, 5 text")
 
         page.select_option("#modality", "")  # all modalities
         page.fill("#text", CAPTIONS[1])

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+MODALITIES = ("image", "audio", "text")
 DB_FILE = "meta.sqlite"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -202,8 +203,7 @@ class IndexStore:
     def counts(self) -> dict[str, Any]:
         items = dict(self.query("SELECT modality, COUNT(*) FROM items GROUP BY modality"))
         files = dict(self.query("SELECT status, COUNT(*) FROM files GROUP BY status"))
-        kinds = dict.fromkeys([*self.info().get("modalities", []), *items])  # the model's, then any other indexed
-        return {"items": {m: items.get(m, 0) for m in kinds}, "files_ok": files.get("ok", 0),
+        return {"items": {m: items.get(m, 0) for m in MODALITIES}, "files_ok": files.get("ok", 0),
                 "files_failed": files.get("failed", 0)}
 
     def failed(self) -> list[tuple[str, str]]:
@@ -218,15 +218,13 @@ class IndexStore:
         self.faiss_dir.mkdir(exist_ok=True)
         rows = self.query("SELECT i.id, i.modality, i.shard, i.row FROM items i JOIN files f ON f.path = i.file "
                           "WHERE f.model_id = ? ORDER BY i.shard, i.row", (model_id,))
-        # every modality with items, and those with an index file from before (removed below when empty)
-        by_modality: dict[str, tuple[list[int], list[np.ndarray]]] = {
-            f.stem: ([], []) for f in self.faiss_dir.glob("*.faiss")}
+        by_modality: dict[str, tuple[list[int], list[np.ndarray]]] = {m: ([], []) for m in MODALITIES}
         shard_cache: dict[str, np.ndarray] = {}
         for item_id, modality, shard, row in rows:
             if shard not in shard_cache:
                 shard_cache.clear()  # rows are sorted by shard: one shard in memory at a time
                 shard_cache[shard] = np.load(self.shard_dir / shard, mmap_mode="r")
-            by_modality.setdefault(modality, ([], []))[0].append(item_id)
+            by_modality[modality][0].append(item_id)
             by_modality[modality][1].append(np.asarray(shard_cache[shard][row]))
         choices = {}
         for modality, (ids, vecs) in by_modality.items():
