@@ -266,7 +266,9 @@ def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes
 
 # ------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def embed_entries(model, modality: str, entries: Sequence[dict], batch_size: int = 64) -> torch.Tensor:
+def embed_manifest_entries(model, modality: str, entries: Sequence[dict], batch_size: int = 64) -> torch.Tensor:
+    """Manifest lines ({modality: file, "label": ...}) -> (N, D) float32 CPU embeddings, in order.
+    (Unlike onepeace.inference.embed_entries, an unreadable file raises: a manifest is curated.)"""
     from .inference import embed_prepared
 
     # clone: a normal tensor (embed_prepared runs in inference mode), usable as training input
@@ -298,7 +300,7 @@ def zero_shot_accuracy(model, modality: str, entries: Sequence[dict], classes: S
     else:
         pairs = sorted({(e["text"], str(e["label"])) for e in entries})
     texts = embed_texts(model, [t for t, _ in pairs], [c for _, c in pairs])
-    media = EmbeddedSet(embed_entries(model, modality, entries, batch_size), [str(e["label"]) for e in entries],
+    media = EmbeddedSet(embed_manifest_entries(model, modality, entries, batch_size), [str(e["label"]) for e in entries],
                         [str(e[modality]) for e in entries])
     return zero_shot(media, classes, class_embeddings(texts, classes))["top1"]
 
@@ -342,12 +344,12 @@ def finetune(cfg: FinetuneConfig, model=None) -> dict[str, Any]:
         for p in model.parameters():
             p.requires_grad_(False)
         index = {c: i for i, c in enumerate(classes)}
-        feats = embed_entries(model, cfg.modality, train, cfg.eval_batch_size)
+        feats = embed_manifest_entries(model, cfg.modality, train, cfg.eval_batch_size)
         labels = torch.tensor([index[str(e["label"])] for e in train])
         head, metrics["losses"] = train_linear_probe(feats, labels, len(classes), cfg.probe_steps, cfg.probe_lr,
                                                      seed=cfg.seed)
         if test:
-            test_feats = embed_entries(model, cfg.modality, test, cfg.eval_batch_size)
+            test_feats = embed_manifest_entries(model, cfg.modality, test, cfg.eval_batch_size)
             truth = torch.tensor([index[str(e["label"])] for e in test])
             with torch.no_grad():
                 metrics["accuracy"] = (head(test_feats).argmax(-1) == truth).float().mean().item()

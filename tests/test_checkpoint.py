@@ -65,6 +65,7 @@ def test_4b_meta_model_has_exactly_the_released_parameters():
                             "encoder_wrapper.fusion_model.version"}
 
 
+@pytest.mark.slow  # a subprocess loading torch
 # ------------------------------------------------------------------------------ safety
 def test_loads_without_fairseq_importable(tmp_path):
     """A subprocess where any `fairseq` import fails still loads the fixture and reports the meters."""

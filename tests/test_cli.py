@@ -26,6 +26,7 @@ def assets_with_corrupt_file(tmp_path):
     return folder
 
 
+@pytest.mark.slow  # a subprocess loading torch
 def test_embed_folder_reports_and_skips_bad_files(tmp_path, assets_with_corrupt_file):
     out = tmp_path / "emb.npz"
     env = {**os.environ, "ONEPEACE_BPE_DIR": str(BPE_DIR)}
@@ -74,6 +75,16 @@ def test_embed_texts_with_a_real_vocabulary(tmp_path):
     data = np.load(out)
     assert list(data["files"]) == ["--text[0]", f"{tmp_path / 'captions.txt'}:1", f"{tmp_path / 'captions.txt'}:3"]
     assert data["embeddings"].shape == (3, 64)
+    # the library's reader gives the same file back
+    from onepeace.embeddings_file import EmbeddingsFile, read_embeddings, write_embeddings
+
+    back = read_embeddings(out)
+    assert back.files == list(data["files"]) and back.counts() == {"text": 3} and back.failed == []
+    assert np.array_equal(back.embeddings, data["embeddings"])
+    write_embeddings(tmp_path / "again.npz", back)
+    assert read_embeddings(tmp_path / "again.npz").files == back.files
+    with pytest.raises(ValueError, match="one file name and one modality per row"):
+        EmbeddingsFile(back.embeddings, back.files[:2], back.modalities)
 
 
 def test_info_shows_partial_loading(capsys):
@@ -98,3 +109,17 @@ def test_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["embed", "-m", str(TINY_CKPT), str(tmp_path / "nothing-here")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_search_has_one_query_flag_per_registered_modality_in_command_line_order():
+    from onepeace.cli import build_parser
+    from onepeace.registry import list_modalities
+
+    kinds = list_modalities()
+    assert {"text", "image", "audio", "video"} <= set(kinds)
+    argv = ["search", "idx"] + [x for m in reversed(kinds) for x in (f"--{m}", f"{m}-query")] + ["-t", "again"]
+    args = build_parser().parse_args(argv)
+    assert args.parts == [(m, f"{m}-query") for m in reversed(kinds)] + [("text", "again")]
+    # the shared flags reach every command that takes them
+    for argv in (["eval", "m.jsonl", "-m", "x"], ["serve"], ["finetune"], ["demo"], ["index", "d", "-m", "x", "-o", "o"]):
+        assert build_parser().parse_args([*argv, "--bpe-dir", "B"]).bpe_dir == "B", argv

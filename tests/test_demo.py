@@ -15,6 +15,8 @@ from conftest import ASSETS, BPE_DIR, require
 KEYS = ["image_zero_shot_top1", "audio_zero_shot_top1_heldout_voices", "audio_to_image_r1", "image_to_text_r1",
         "audio_to_text_r1", "minutes"]
 
+pytestmark = pytest.mark.slow  # every test here runs (or reuses) the quick demo: minutes
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):

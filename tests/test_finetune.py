@@ -94,6 +94,7 @@ def test_classify_reduces_the_loss_and_saves_a_loadable_head(shapes_manifests, t
         assert torch.allclose(loaded.classify(image=x), model.classify(image=x), atol=1e-5)
 
 
+@pytest.mark.slow  # > 10 s
 def test_retrieval_reduces_the_contrastive_loss_and_freezing_patterns_hold(shapes_manifests, tmp_path):
     model = random_tiny_model()
     before = {n: p.clone() for n, p in model.named_parameters()}

@@ -14,7 +14,7 @@ import pytest
 import onepeace
 from conftest import ASSETS, BPE_DIR, CAPTIONS, make_collection, require_module
 from onepeace.index import IndexConfig, IndexStore, QueryPart, SearchIndex, build_index, embed_query
-from onepeace.index.build import KILL_ENV, rank_of
+from onepeace.index.build import rank_of
 from onepeace.index.search import parse_weights
 from onepeace.index.store import choose_faiss
 
@@ -73,26 +73,52 @@ def test_index_everything_report_corrupt_file_and_search(collection, tmp_path, m
     assert hits[0]["name"].endswith("cow.flac") and len(hits) == N_ITEMS  # all modalities searched
 
 
+def _committed_files(db) -> int:
+    """Files the indexing process has committed so far (0 while its database is not there yet)."""
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            return conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+    except sqlite3.OperationalError:  # created but its tables not yet
+        return 0
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_without_redoing_done_files(collection, tmp_path, tiny_model_dir):
     out = tmp_path / "idx"
     cmd = [sys.executable, "-m", "onepeace", "index", str(collection), "--model", str(tiny_model_dir), "--out", str(out),
-           "--chunk-files", "4", "--bpe-dir", str(BPE_DIR), "-q"]
-    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, KILL_ENV: "2"})
-    assert killed.returncode == 137, killed.stderr[-2000:]
+           "--chunk-files", "2", "--bpe-dir", str(BPE_DIR), "-q"]
+    # kill the run for real (SIGKILL, no cleanup) once it has committed two chunks of its eight
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while _committed_files(out / "meta.sqlite") < 4 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    stderr = proc.communicate()[1].decode(errors="replace")
+    assert proc.returncode == -9, f"the run ended before the kill (rc {proc.returncode}): {stderr[-2000:]}"
     store = IndexStore(out)
     done = store.files()
-    assert len(done) == 8  # two committed chunks of 4 files
+    ok = sum(v[3] == "ok" for v in done.values())
+    print(f"killed with {len(done)} of {N_FILES} files committed ({ok} ok)")
+    assert 4 <= len(done) < N_FILES and len(done) % 2 == 0  # whole chunks only
     assert not (out / "faiss").exists()  # killed before the merge
+    # what the kill can lose: the shard of the chunk in flight, written but not committed
+    referenced = {s for (s,) in store.query("SELECT DISTINCT shard FROM items")}
+    assert len({p.name for p in (out / "shards").glob("*.npy")} - referenced) <= 1
     (out / "shards" / "r000-leftover.npy").write_bytes(b"half-written shard of the killed run")
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"{N_FILES} files: 8 unchanged (skipped), {N_FILES - 8 - 1} embedded" in rerun.stdout, rerun.stdout
+    embedded = N_FILES - ok - 1  # everything but the unchanged files and broken.jpg (failed again)
+    assert f"{N_FILES} files: {ok} unchanged (skipped), {embedded} embedded" in rerun.stdout, rerun.stdout
     assert "broken.jpg" in rerun.stdout  # reported again in the summary
     assert not (out / "shards" / "r000-leftover.npy").exists()
-    # the 8 files of the killed run kept their rows (not re-embedded) and everything is searchable
+    # the files of the killed run kept their rows (not re-embedded) and everything is searchable
     after = store.files()
-    assert all(after[p] == v for p, v in done.items())
+    assert all(after[p] == v for p, v in done.items() if v[3] == "ok")
     assert sum(SearchIndex(out).stats()["searchable"].values()) == N_ITEMS
 
 
@@ -155,6 +181,7 @@ def test_two_ranks_write_their_own_shards_and_rank0_merges(collection, tmp_path,
     assert SearchIndex(out).stats()["searchable"] == SearchIndex(single).stats()["searchable"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_one_shard_set_per_rank_merged(collection, tmp_path, tiny_model_dir):
     out = tmp_path / "idx"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -183,7 +210,7 @@ def test_composed_query_is_the_renormalised_weighted_sum(model):
     assert parse_weights(["audio=3"], parts) == [1.0, 1.0, 3.0]
     with pytest.raises(ValueError, match="2 weights for 3"):
         parse_weights(["1", "2"], parts)
-    with pytest.raises(ValueError, match="unknown modality 'video'"):
+    with pytest.raises(ValueError, match="no query part has modality 'video'"):
         parse_weights(["video=1"], parts)
 
 
@@ -195,7 +222,9 @@ def test_search_command_json_and_table(collection, tmp_path, model, tiny_model_d
     assert main(["search", str(tmp_path / "idx"), "--audio", cow, "--text", "a cow", "--weights", "text=0.2",
                  "--modality", "audio", "-k", "3", "--json", "--bpe-dir", str(BPE_DIR)]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [p["weight"] for p in out["query"]] == [0.2, 1.0] and len(out["results"]) == 3
+    # parts in command-line order (audio, then text), text=0.2 applies to the text part
+    assert [(p["modality"], p["weight"]) for p in out["query"]] == [("audio", 1.0), ("text", 0.2)]
+    assert len(out["results"]) == 3
     assert out["results"][0]["name"].endswith("cow.flac") and {r["modality"] for r in out["results"]} == {"audio"}
     assert main(["search", str(tmp_path / "idx"), "--text", CAPTIONS[1], "-k", "2", "--bpe-dir", str(BPE_DIR)]) == 0
     table = capsys.readouterr().out.splitlines()

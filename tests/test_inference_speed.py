@@ -140,6 +140,7 @@ def test_token_budget_batches():
     assert list(length_sorted_batches(lengths, 3, sort=False)) == [[0, 1, 2], [3, 4, 5], [6, 7]]
 
 
+@pytest.mark.slow  # > 10 s
 def test_results_come_back_in_input_order(model):
     rng = np.random.default_rng(0)
     words = "a dog cat cow in the field running under blue sky with long grass and trees".split()

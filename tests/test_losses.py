@@ -8,6 +8,7 @@ from conftest import FIXTURES, require
 from onepeace.checkpoint import load_pretrain_checkpoint
 from onepeace.losses import contrastive_loss, denoising_contrast_loss
 from onepeace.train.objectives import LossConfig
+from onepeace.train.task import PretrainTask
 
 
 def test_group_ids_all_distinct_equal_one_hot_targets():
@@ -56,6 +57,6 @@ def test_contrast_only_ablation_skips_the_denoising_passes(monkeypatch):
     monkeypatch.setattr(pm, "decode", lambda *a, **k: calls.append(1) or original(*a, **k))
     weights = {"itc_loss": 1.0, "dcl_text_loss": 0.0, "dcl_image_loss": 0.0, "dcl_vl_text_loss": 0.0,
                "dcl_vl_image_loss": 0.0}
-    losses = pm(expected["vl_sample"]["net_input"], task="vl", loss_config=LossConfig(weights=weights))
+    losses = PretrainTask(pm, "vl", LossConfig(weights=weights))(expected["vl_sample"]["net_input"])
     assert calls == [] and set(losses) == {"itc_loss", "loss"}
     assert abs(float(losses["loss"]) - float(expected["losses"]["vl"]["itc_loss"])) < 1e-5

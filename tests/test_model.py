@@ -18,6 +18,7 @@ def tiny_random():
     return random_tiny_model()
 
 
+@pytest.mark.slow  # > 10 s
 def test_every_parameter_gets_a_gradient():
     torch.manual_seed(0)
     model = onepeace.create_model("one-peace-tiny").train()

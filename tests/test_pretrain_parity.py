@@ -7,6 +7,7 @@ import torch
 from conftest import FIXTURES, require
 from onepeace.checkpoint import load_pretrain_checkpoint
 from onepeace.train.objectives import LossConfig, audio_language_losses, vision_language_losses
+from onepeace.train.task import PretrainTask
 
 REFERENCE = LossConfig(contrast_gather="reference")  # other side detached, one process
 
@@ -38,7 +39,7 @@ def test_every_loss_component_matches(pretrain, task):
 def test_vl_gradient_norm_matches(pretrain):
     pm, expected = pretrain
     pm.zero_grad(set_to_none=True)
-    losses = pm(expected["vl_sample"]["net_input"], task="vl", loss_config=REFERENCE)
+    losses = PretrainTask(pm, "vl", REFERENCE)(expected["vl_sample"]["net_input"])
     losses["loss"].backward()
     norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in pm.parameters() if p.grad is not None)).item()
     err = _rel(norm, float(expected["losses"]["vl_grad_norm"]))
@@ -50,6 +51,21 @@ def test_vl_gradient_norm_matches(pretrain):
 def test_scalable_gather_has_the_same_value_on_one_process(pretrain):
     pm, expected = pretrain
     with torch.no_grad():
-        a = pm(expected["vl_sample"]["net_input"], task="vl", loss_config=REFERENCE)
-        b = pm(expected["vl_sample"]["net_input"], task="vl", loss_config=LossConfig())
+        a = PretrainTask(pm, "vl", REFERENCE)(expected["vl_sample"]["net_input"])
+        b = PretrainTask(pm, "vl", LossConfig())(expected["vl_sample"]["net_input"])
     assert torch.allclose(a["loss"], b["loss"], rtol=1e-6)
+
+
+def test_the_task_owns_the_objective_and_the_model_state(pretrain):
+    pm, expected = pretrain
+    task = PretrainTask(pm, "al", REFERENCE)
+    # what DDP/FSDP wrap holds exactly the model's tensors, under 'model.'
+    assert list(task.state_dict()) == [f"model.{k}" for k in pm.state_dict()]
+    with torch.no_grad():
+        losses = task(expected["al_sample"]["net_input"])
+    assert abs(float(losses["atc_loss"]) - float(expected["losses"]["al"]["atc_loss"])) <= 1e-4 * abs(
+        float(expected["losses"]["al"]["atc_loss"]))
+    with pytest.raises(ValueError, match="unknown pretraining task 'xx'"):
+        PretrainTask(pm, "xx")
+    with pytest.raises(TypeError, match="PretrainTask"):
+        pm(expected["al_sample"]["net_input"])

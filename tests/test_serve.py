@@ -146,6 +146,7 @@ def test_malformed_http(server):
     assert call(url, "GET", "/api/health")[0] == 200
 
 
+@pytest.mark.slow
 def test_web_page_in_headless_chromium(server):
     """Type a text and search; upload an audio file and search; a bad upload shows its error."""
     sync_api = require_module("playwright.sync_api", "browser-test")
@@ -215,6 +216,7 @@ def test_loopback_load(server):
     assert result.requests >= 8 and result.rps > 0 and result.p99_ms >= result.p50_ms
 
 
+@pytest.mark.slow
 def test_serve_without_index_uses_the_demo_and_says_how_to_get_it(tmp_path, tiny_model_dir):
     """No INDEX: the demo data (under ONEPEACE_CACHE) is indexed with the demo model on first use,
     then served on 127.0.0.1; with no demo model the error says to run `onepeace demo`."""

@@ -23,9 +23,7 @@ from typing import Callable
 import numpy as np
 
 from ..data.files import find_inputs, text_items
-from .store import MODALITIES, IndexStore, model_id as compute_model_id
-
-KILL_ENV = "ONEPEACE_INDEX_KILL_AFTER_CHUNKS"  # tests: die like a killed job after this many chunks
+from .store import IndexStore, model_id as compute_model_id
 
 
 @dataclass(frozen=True)
@@ -71,12 +69,10 @@ def _dist_env() -> tuple[int, int]:
 def build_index(root: str | os.PathLike, out: str | os.PathLike, model, model_path: str | os.PathLike,
                 config: IndexConfig = IndexConfig(), rank: int | None = None, world_size: int | None = None,
                 progress: bool = True, log: Callable[[str], None] | None = None) -> IndexReport:
-    """Index every image, audio, .txt and .jsonl file under `root` into the folder `out` (see the
-    module docstring). `model` is the loaded model, `model_path` where it came from (recorded, and
-    hashed into the model id). Bad files are reported through `log` and recorded as failed."""
+    """Index every file of a registered modality (and .txt / .jsonl texts) under `root` into the folder
+    `out` (see the module docstring). `model` is the loaded model, `model_path` where it came from
+    (recorded, and hashed into the model id). Bad files are reported through `log` and recorded as failed."""
     from tqdm import tqdm
-
-    from ..inference import embed_entries
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     t0 = time.perf_counter()
@@ -86,27 +82,57 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, model, model_pa
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     dist = _init_distributed() if world_size > 1 and rank == env_rank and "MASTER_ADDR" in os.environ else None
-
     root_path = Path(root).resolve()
     if not root_path.is_dir():
         raise FileNotFoundError(f"{root}: no such folder to index")
     store = IndexStore(out, create=True)
     mid = compute_model_id(model_path)
-    dim = model.config.encoder.embed_dim
+    info = _record_info(store, root_path, out, model, model_path, mid, config, rank)
+    store.collect_garbage(prefix=f"r{rank:03d}-")  # shards of this rank that a killed run left uncommitted
+
+    todo, report = _plan(store, root_path, mid, rank, world_size)
+    bar = tqdm(total=len(todo), unit="file", desc=f"indexing (rank {rank})" if world_size > 1 else "indexing",
+               disable=not progress, position=rank if world_size > 1 else None)
+    for start in range(0, len(todo), config.chunk_files):
+        chunk = todo[start:start + config.chunk_files]
+        _embed_chunk(store, model, chunk, mid, config.batch_size, rank, report, log)
+        bar.update(len(chunk))
+    bar.close()
+
+    # ---- merge: rank 0 builds the FAISS indexes once every rank is done ----
+    if dist is not None:
+        dist.barrier()
+    if rank == 0:
+        report.faiss = _merge(store, info, mid, config, report, complete=world_size == 1 or dist is not None,
+                              force=world_size > 1)
+    if dist is not None:
+        dist.barrier()
+    store.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _record_info(store: IndexStore, root_path: Path, out, model, model_path, mid: str, config: IndexConfig,
+                 rank: int) -> dict:
+    """The index's info before this run (rank 0 records the root, model and settings of this one)."""
     info = store.info()
     if "root" in info and info["root"] != str(root_path):
         raise ValueError(f"{out} indexes {info['root']}, not {root_path}; pass that folder or another --out")
     if rank == 0:
-        store.set_info(root=str(root_path), model=str(Path(model_path).resolve()), model_id=mid, dim=dim,
-                       modalities=list(model.modalities), config=config.__dict__)
-    store.collect_garbage(prefix=f"r{rank:03d}-")  # shards of this rank that a killed run left uncommitted
+        store.set_info(root=str(root_path), model=str(Path(model_path).resolve()), model_id=mid,
+                       dim=model.config.encoder.embed_dim, modalities=list(model.modalities), config=config.__dict__)
+    return info
 
-    # ---- plan: what this rank must embed and remove ----
-    found, problems = find_inputs([str(root_path)])
+
+def _plan(store: IndexStore, root_path: Path, mid: str, rank: int, world_size: int
+          ) -> tuple[list[tuple[str, str, int, int]], IndexReport]:
+    """This rank's files to embed [(modality, path, size, mtime_ns)], new or changed since the last
+    run; files deleted since then are removed from the store now."""
+    found, _ = find_inputs([str(root_path)])
     found = [(m, p) for m, p in found if world_size == 1 or rank_of(p, world_size) == rank]
     known = {p: v for p, v in store.files().items() if world_size == 1 or rank_of(p, world_size) == rank}
     report = IndexReport(scanned=len(found))
-    todo: list[tuple[str, str, int, int]] = []  # (modality, path, size, mtime_ns)
+    todo: list[tuple[str, str, int, int]] = []
     for modality, path in found:
         st = os.stat(path)
         old = known.get(path)
@@ -119,78 +145,74 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, model, model_pa
     if gone:
         store.remove_files(gone)
         report.removed = len(gone)
+    return todo, report
 
-    # ---- embed, one committed shard per chunk ----
-    kill_after = int(os.environ.get(KILL_ENV, "0"))
-    bar = tqdm(total=len(todo), unit="file", desc=f"indexing (rank {rank})" if world_size > 1 else "indexing",
-               disable=not progress, position=rank if world_size > 1 else None)
-    for start in range(0, len(todo), config.chunk_files):
-        chunk = todo[start:start + config.chunk_files]
-        errors: dict[str, str] = {}
 
-        def on_error(name: str, why: str) -> None:
-            path = name.rsplit(":", 1)[0] if name not in paths else name
-            errors.setdefault(path, why)
-            log(f"skipped {name}: {why}")
-
-        paths = {p for _, p, _, _ in chunk}
-        entries: dict[str, list[tuple[str, object]]] = {m: [] for m in MODALITIES}
-        file_of: dict[str, str] = {}  # item name -> file
-        texts: dict[str, str] = {}
-        for modality, path, _, _ in chunk:
-            if modality == "text":
-                try:
-                    lines = text_items(path)
-                except (OSError, UnicodeDecodeError, ValueError) as e:
-                    on_error(path, f"cannot read text file: {e}")
-                    continue
-                entries["text"] += lines
-                texts.update(lines)
-                file_of.update((name, path) for name, _ in lines)
-            else:
-                entries[modality].append((path, path))
-                file_of[path] = path
-        vectors, items = [], []
-        for modality in MODALITIES:
-            if entries[modality]:
-                names, emb = embed_entries(model, modality, entries[modality], on_error, config.batch_size)
-                vectors.append(emb.numpy())
-                items += [(file_of[n], n, modality, texts.get(n)) for n in names]
-        # a file fails when it gave no item and had an error (a text file with some bad lines is kept)
-        with_items = {it[0] for it in items}
-        files = [(p, m, size, mtime, mid, "failed" if p in errors and p not in with_items else "ok",
-                  errors.get(p)) for m, p, size, mtime in chunk]
-        store.commit_chunk(np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32), items, files, rank)
-        report.chunks += 1
-        report.embedded_items += len(items)
-        report.embedded_files += sum(f[5] == "ok" for f in files)
-        report.failed += [(p, errors[p]) for p, *_, status, _ in files if status == "failed"]
-        bar.update(len(chunk))
-        if kill_after and report.chunks >= kill_after:
-            bar.close()
-            os._exit(137)  # like SIGKILL: no cleanup, no final merge
-    bar.close()
-
-    # ---- merge: rank 0 builds the FAISS indexes once every rank is done ----
-    if dist is not None:
-        dist.barrier()
-    if rank == 0:
-        if world_size == 1 or dist is not None:
-            store.collect_garbage()
-        # up to date when built from this model with these FAISS settings (a new --ivf-threshold rebuilds)
-        wanted = {"model_id": mid, "ivf_threshold": config.ivf_threshold, "nlist": config.nlist, "nprobe": config.nprobe}
-        merged = info.get("merged") == wanted and store.faiss_dir.exists()
-        if report.embedded_items or report.changed or gone or not merged or world_size > 1:
-            report.faiss = store.build_faiss(mid, config.ivf_threshold, config.nlist, config.nprobe)
+def _chunk_entries(chunk, on_error) -> tuple[dict[str, list[tuple[str, object]]], dict[str, str], dict[str, str]]:
+    """A chunk's files -> ({modality: [(item name, source)]}, {item name: file}, {item name: text}).
+    A text file gives one item per line (named path:line); any other file is one item."""
+    entries: dict[str, list[tuple[str, object]]] = {}
+    file_of: dict[str, str] = {}
+    texts: dict[str, str] = {}
+    for modality, path, _, _ in chunk:
+        if modality == "text":
+            try:
+                lines = text_items(path)
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                on_error(path, f"cannot read text file: {e}")
+                continue
+            texts.update(lines)
         else:
-            from .store import FaissChoice
+            lines = [(path, path)]
+        entries.setdefault(modality, []).extend(lines)
+        file_of.update((name, path) for name, _ in lines)
+    return entries, file_of, texts
 
-            report.faiss = {m: FaissChoice(**c) for m, c in info.get("faiss", {}).items()}
-    if dist is not None:
-        dist.barrier()
-    store.close()
-    report.seconds = time.perf_counter() - t0
-    return report
+
+def _embed_chunk(store: IndexStore, model, chunk, mid: str, batch_size: int | None, rank: int,
+                 report: IndexReport, log: Callable[[str], None]) -> None:
+    """Embed one chunk of files and commit its shard and rows in one transaction."""
+    from ..inference import embed_entries
+
+    paths = {p for _, p, _, _ in chunk}
+    errors: dict[str, str] = {}
+
+    def on_error(name: str, why: str) -> None:
+        path = name.rsplit(":", 1)[0] if name not in paths else name
+        errors.setdefault(path, why)
+        log(f"skipped {name}: {why}")
+
+    entries, file_of, texts = _chunk_entries(chunk, on_error)
+    vectors, items = [np.zeros((0, model.config.encoder.embed_dim), np.float32)], []
+    for modality, group in entries.items():
+        names, emb = embed_entries(model, modality, group, on_error, batch_size)
+        vectors.append(emb.numpy())
+        items += [(file_of[n], n, modality, texts.get(n)) for n in names]
+    # a file fails when it gave no item and had an error (a text file with some bad lines is kept)
+    with_items = {it[0] for it in items}
+    files = [(p, m, size, mtime, mid, "failed" if p in errors and p not in with_items else "ok", errors.get(p))
+             for m, p, size, mtime in chunk]
+    store.commit_chunk(np.concatenate(vectors), items, files, rank)
+    report.chunks += 1
+    report.embedded_items += len(items)
+    report.embedded_files += sum(f[5] == "ok" for f in files)
+    report.failed += [(p, errors[p]) for p, *_, status, _ in files if status == "failed"]
+
+
+def _merge(store: IndexStore, info: dict, mid: str, config: IndexConfig, report: IndexReport, complete: bool,
+           force: bool) -> dict:
+    """Rank 0: (re)build the FAISS indexes when anything changed, else keep the recorded ones.
+    `complete`: every rank is done, so uncommitted shards of any rank are garbage."""
+    if complete:
+        store.collect_garbage()
+    # up to date when built from this model with these FAISS settings (a new --ivf-threshold rebuilds)
+    wanted = {"model_id": mid, "ivf_threshold": config.ivf_threshold, "nlist": config.nlist, "nprobe": config.nprobe}
+    merged = info.get("merged") == wanted and store.faiss_dir.exists()
+    if report.embedded_items or report.changed or report.removed or not merged or force:
+        return store.build_faiss(mid, config.ivf_threshold, config.nlist, config.nprobe)
+    from .store import FaissChoice
+
+    return {m: FaissChoice(**c) for m, c in info.get("faiss", {}).items()}
 
 
 def _init_distributed():

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .store import MODALITIES, IndexStore, model_id, require_faiss
+from .store import IndexStore, model_id, require_faiss
 
 
 @dataclass(frozen=True)
@@ -24,17 +24,18 @@ class QueryPart:
 
 
 def parse_weights(raw: Sequence[str] | None, parts: Sequence[tuple[str, Any]]) -> list[float]:
-    """--weights values -> one weight per part. Either positional numbers, one per part in the order
-    texts, images, audios; or modality=number (applied to every part of that modality)."""
+    """--weights values -> one weight per (modality, value) part. Either positional numbers, one per
+    part in the parts' order; or modality=number (applied to every part of that modality)."""
     if not raw:
         return [1.0] * len(parts)
+    kinds = list(dict.fromkeys(m for m, _ in parts))
     try:
         if all("=" in w for w in raw):
             by = {}
             for w in raw:
                 k, v = w.split("=", 1)
-                if k not in MODALITIES:
-                    raise ValueError(f"unknown modality {k!r} in --weights {w!r} (use text, image or audio)")
+                if k not in kinds:
+                    raise ValueError(f"--weights {w!r}: no query part has modality {k!r} (parts: {', '.join(kinds)})")
                 by[k] = float(v)
             return [by.get(m, 1.0) for m, _ in parts]
         values = [float(w) for w in raw]
@@ -44,7 +45,7 @@ def parse_weights(raw: Sequence[str] | None, parts: Sequence[tuple[str, Any]]) -
         raise ValueError(f"--weights: expected numbers or modality=number, got {' '.join(raw)}") from None
     if len(values) != len(parts):
         raise ValueError(f"--weights: {len(values)} weights for {len(parts)} query parts "
-                         "(give one per --text/--image/--audio, in that order, or modality=number)")
+                         "(give one per query part, in their order, or modality=number)")
     return values
 
 
@@ -59,13 +60,11 @@ def embed_query(model, parts: Sequence[QueryPart]) -> np.ndarray:
     for i, part in enumerate(parts):
         if not np.isfinite(part.weight):
             raise ValueError(f"query part {part.name or i}: weight must be a finite number, got {part.weight}")
-        encode = {"text": model.encode_text, "image": model.encode_image, "audio": model.encode_audio}.get(part.modality)
-        if encode is None:
-            raise ValueError(f"query part {part.name or i}: unknown modality {part.modality!r}")
         if part.modality not in model.adapters:
-            raise ValueError(f"query part {part.name or i}: the model has no {part.modality} branch")
-        try:
-            e = encode([part.value])[0].float().cpu().numpy()  # (D,), unit norm
+            raise ValueError(f"query part {part.name or i}: the model has no {part.modality!r} branch "
+                             f"(it has {', '.join(model.modalities)})")
+        try:  # the modality's registered preprocessing and embedding path
+            e = model.encode_items(part.modality, [part.value])[0].float().cpu().numpy()  # (D,), unit norm
         except InputError:
             raise
         except (OSError, ValueError) as exc:
@@ -86,10 +85,8 @@ class SearchIndex:
         self.store = IndexStore(path)
         self.info = self.store.info()
         self.indexes = {}
-        for m in MODALITIES:
-            f = self.store.faiss_dir / f"{m}.faiss"
-            if f.exists():
-                self.indexes[m] = faiss.read_index(str(f))
+        for f in sorted(self.store.faiss_dir.glob("*.faiss")) if self.store.faiss_dir.is_dir() else []:
+            self.indexes[f.stem] = faiss.read_index(str(f))  # one per modality: faiss/{modality}.faiss
         if not self.indexes:
             raise ValueError(f"{path} has no FAISS index yet: finish `onepeace index` first (nothing indexed, "
                              "or the run was interrupted before the merge)")
@@ -117,8 +114,9 @@ class SearchIndex:
         """Top-k items by inner product with `vector` (D,), among `modality` (or all), best first."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        if modality is not None and modality not in MODALITIES:
-            raise ValueError(f"unknown target modality {modality!r}; choose from {', '.join(MODALITIES)}")
+        known = list(dict.fromkeys([*self.info.get("modalities", []), *self.indexes]))
+        if modality is not None and modality not in known:
+            raise ValueError(f"unknown target modality {modality!r}; this index has {', '.join(known)}")
         targets = [modality] if modality else list(self.indexes)
         q = np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32)
         if q.shape[1] != self.dim:

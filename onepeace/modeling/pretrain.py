@@ -45,6 +45,9 @@ def default_decoder_config(model: ModelConfig, embed_dim: int | None = None, lay
 
 
 class OnePeacePretrainModel(nn.Module):
+    """Encoder + denoising decoder; `encode` and `decode` are the passes the stage objectives
+    (onepeace.train.objectives, run by onepeace.train.task.PretrainTask) are built from."""
+
     def __init__(self, config: PretrainConfig):
         super().__init__()
         self.config = config
@@ -68,13 +71,9 @@ class OnePeacePretrainModel(nn.Module):
         pm.model.load_state_dict(model.state_dict(), strict=True)
         return pm
 
-    def forward(self, batch: Mapping[str, torch.Tensor], task: str = "vl", loss_config=None) -> dict[str, torch.Tensor]:
-        """The stage objective of `task` ('vl' or 'al') on a collated batch: {term: loss, 'loss': total}."""
-        from ..train.objectives import TASK_LOSSES, LossConfig
-
-        if task not in TASK_LOSSES:
-            raise ValueError(f"unknown task {task!r}; known: {sorted(TASK_LOSSES)}")
-        return TASK_LOSSES[task](self, batch, loss_config or LossConfig())
+    def forward(self, *args, **kwargs):
+        raise TypeError("OnePeacePretrainModel has no objective of its own: wrap it in "
+                        "onepeace.train.task.PretrainTask(model, task, loss_config) and call that")
 
     def encode(self, inputs: Mapping[str, torch.Tensor], padding_masks: Mapping[str, torch.Tensor | None] | None = None,
                preserve_ids: Mapping[str, torch.Tensor] | None = None,

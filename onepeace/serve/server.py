@@ -3,14 +3,15 @@
     GET  /                       the search page (text, image upload, audio upload or recording, weights)
     GET  /api/health             {"status": "ok", "items": n, "model_id": ...}
     GET  /api/stats              counts per modality, FAISS choice, model, root
-    POST /api/search             {"parts": [part, ...], "modality": "image"|null, "k": 10} -> {"results": [...]}
+    POST /api/search             {"parts": [part, ...], "modality": MODALITY|null, "k": 10} -> {"results": [...]}
     POST /api/embed              {"parts": [part, ...]} -> {"embeddings": [[...], ...], "composed": [...]}
-    GET  /api/item/ID/file       the indexed image or audio file of item ID (only indexed files are served)
-    GET  /api/item/ID/thumb      a PNG thumbnail (longest side <= 256) of image item ID
+    GET  /api/item/ID/file       the indexed file of item ID (only whole indexed files are served)
+    GET  /api/item/ID/thumb      a PNG thumbnail (longest side <= 256) of item ID, an image file
 
-A part is {"modality": "text", "text": "a cow", "weight": 1} or {"modality": "image"|"audio",
-"data": "<base64 file>", "filename": "cow.flac", "weight": 1}; {"text": "a cow"} is short for one
-text part. Uploads are size-limited and type-checked by their first bytes; a bad request gets a 4xx
+A part is {"modality": "text", "text": "a cow", "weight": 1} (a part given as a string) or
+{"modality": M, "data": "<base64 file>", "filename": "cow.flac", "weight": 1} for any modality M of
+the model whose file type the upload's first bytes show (SIGNATURES + the registered suffixes);
+{"text": "a cow"} is short for one text part. Uploads are size-limited; a bad request gets a 4xx
 JSON {"error": "..."} naming the part, and the server keeps running.
 """
 from __future__ import annotations
@@ -55,24 +56,39 @@ class ServeConfig:
     torch_threads: int = 1
 
 
-# first bytes -> (kind, extension); the extension tells the decoder what to expect
+# first bytes -> the file's extension; the extension's modality comes from the suffix table of the
+# registered modalities (onepeace.data.files.modality_of), so this file names no modality
 SIGNATURES = [
-    (b"\x89PNG\r\n\x1a\n", "image", ".png"), (b"\xff\xd8\xff", "image", ".jpg"), (b"GIF87a", "image", ".gif"),
-    (b"GIF89a", "image", ".gif"), (b"BM", "image", ".bmp"),
-    (b"fLaC", "audio", ".flac"), (b"OggS", "audio", ".ogg"), (b"ID3", "audio", ".mp3"),
-    (b"\xff\xfb", "audio", ".mp3"), (b"\xff\xf3", "audio", ".mp3"), (b"\xff\xf2", "audio", ".mp3"),
+    (b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"),
+    (b"BM", ".bmp"), (b"fLaC", ".flac"), (b"OggS", ".ogg"), (b"ID3", ".mp3"), (b"\xff\xfb", ".mp3"),
+    (b"\xff\xf3", ".mp3"), (b"\xff\xf2", ".mp3"),
 ]
-ACCEPTED = {"image": "PNG, JPEG, GIF, WebP, BMP", "audio": "WAV, FLAC, OGG, MP3"}
+RIFF_SIGNATURES = {b"WAVE": ".wav", b"WEBP": ".webp"}  # RIFF containers: the type is at bytes 8-12
+
+
+def _modality_of_suffix(ext: str) -> str | None:
+    from ..data.files import modality_of
+
+    return modality_of(f"upload{ext}")
 
 
 def sniff(data: bytes) -> tuple[str, str] | None:
     """(modality, extension) of an uploaded file from its first bytes, or None."""
-    if data[:4] == b"RIFF" and data[8:12] in (b"WAVE", b"WEBP"):
-        return ("audio", ".wav") if data[8:12] == b"WAVE" else ("image", ".webp")
-    for magic, kind, ext in SIGNATURES:
-        if data.startswith(magic):
-            return kind, ext
-    return None
+    ext = RIFF_SIGNATURES.get(data[8:12]) if data[:4] == b"RIFF" else None
+    ext = ext or next((e for magic, e in SIGNATURES if data.startswith(magic)), None)
+    modality = _modality_of_suffix(ext) if ext else None
+    return (modality, ext) if modality else None
+
+
+def accepted(modality: str) -> str:
+    """The upload types recognised for `modality`, e.g. 'PNG, JPG, GIF, BMP, WEBP'."""
+    exts = dict.fromkeys([e for _, e in SIGNATURES] + list(RIFF_SIGNATURES.values()))
+    return ", ".join(e[1:].upper() for e in exts if _modality_of_suffix(e) == modality) or "none"
+
+
+def _is_image_file(path: str | os.PathLike) -> bool:
+    """Whether a thumbnail can be drawn: the file's MIME type (from its name) is image/*."""
+    return (mimetypes.guess_type(str(path))[0] or "").startswith("image/")
 
 
 class RequestError(Exception):
@@ -117,21 +133,26 @@ class SearchService:
         weight = p.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not np.isfinite(weight):
             raise RequestError(400, f"parts[{i}].weight: expected a finite number, got {weight!r}")
-        if modality == "text":
-            text = p.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise RequestError(400, f"parts[{i}]: a text part needs a non-empty \"text\" string")
-            if len(text) > self.config.max_text_chars:
-                raise RequestError(413, f"parts[{i}]: text of {len(text)} characters (at most "
-                                        f"{self.config.max_text_chars})")
-            return QueryPart("text", text, float(weight), f"parts[{i}] (text)"), None
-        if modality not in ("image", "audio"):
-            raise RequestError(400, f"parts[{i}].modality: expected 'text', 'image' or 'audio', got {modality!r}")
-        filename = str(p.get("filename") or "upload")[:200]
-        name = f"parts[{i}] ({filename})"
+        if modality not in self.model.modalities:
+            raise RequestError(400, f"parts[{i}].modality: expected one of the model's modalities "
+                                    f"{', '.join(map(repr, self.model.modalities))}, got {modality!r}")
+        if "text" in p:  # a part given as a string (the text modality's items)
+            return self._text_part(i, p.get("text"), modality, float(weight)), None
+        return self._upload_part(i, p, modality, float(weight))
+
+    def _text_part(self, i: int, text: Any, modality: str, weight: float) -> QueryPart:
+        if not isinstance(text, str) or not text.strip():
+            raise RequestError(400, f"parts[{i}]: a text part needs a non-empty \"text\" string")
+        if len(text) > self.config.max_text_chars:
+            raise RequestError(413, f"parts[{i}]: text of {len(text)} characters (at most {self.config.max_text_chars})")
+        return QueryPart(modality, text, weight, f"parts[{i}] ({modality})")
+
+    def _upload_part(self, i: int, p: dict, modality: str, weight: float) -> tuple[QueryPart, str]:
+        """A base64 file part, size-limited and type-checked by its first bytes -> (part, its temp file)."""
+        name = f"parts[{i}] ({str(p.get('filename') or 'upload')[:200]})"
         data = p.get("data")
         if not isinstance(data, str) or not data:
-            raise RequestError(400, f"{name}: an {modality} part needs \"data\", the file as base64")
+            raise RequestError(400, f"{name}: a {modality} part needs \"data\", the file as base64")
         if len(data) > self.config.max_upload_bytes * 4 // 3 + 8:
             raise RequestError(413, f"{name}: upload too large (limit {self.config.max_upload_bytes // 1024} KiB)")
         try:
@@ -144,11 +165,11 @@ class SearchService:
         kind = sniff(blob)
         if kind is None or kind[0] != modality:
             seen = f"looks like {kind[0]} ({kind[1]})" if kind else "unrecognised file type"
-            raise RequestError(415, f"{name}: not a supported {modality} file ({seen}); accepted: {ACCEPTED[modality]}")
+            raise RequestError(415, f"{name}: not a supported {modality} file ({seen}); accepted: {accepted(modality)}")
         fd, tmp = tempfile.mkstemp(suffix=kind[1], prefix="onepeace-upload-")
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
-        return QueryPart(modality, tmp, float(weight), name), tmp
+        return QueryPart(modality, tmp, weight, name), tmp
 
     def _embed(self, parts: list[tuple[QueryPart, str | None]], each: bool = False):
         """Composed (D,) query vector (and each part's own embedding when `each`). Cleans up temp files."""
@@ -177,16 +198,17 @@ class SearchService:
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.config.max_k:
             raise RequestError(400, f"k: expected an integer in [1, {self.config.max_k}], got {k!r}")
         modality = body.get("modality") or None
-        if modality not in (None, "image", "audio", "text"):
-            raise RequestError(400, f"modality: expected 'image', 'audio', 'text' or null, got {modality!r}")
+        known = self.index.info.get("modalities", [])
+        if modality is not None and modality not in known:
+            raise RequestError(400, f"modality: expected one of {', '.join(map(repr, known))} or null, got {modality!r}")
         vector, _ = self._embed(self.parse_parts(body))
         hits = self.index.search(vector, k=k, modality=modality)
         for h in hits:
             h["display_name"] = self._display(h["name"])
-            if h["modality"] in ("image", "audio"):
+            if h["name"] == h["path"]:  # the item is a whole file (not a line of a text file): servable
                 h["file_url"] = f"/api/item/{h['id']}/file"
-            if h["modality"] == "image":
-                h["thumb_url"] = f"/api/item/{h['id']}/thumb"
+                if _is_image_file(h["path"]):
+                    h["thumb_url"] = f"/api/item/{h['id']}/thumb"
         return {"results": hits, "took_ms": (time.perf_counter() - t0) * 1000}
 
     def embed(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -198,10 +220,11 @@ class SearchService:
                 "model_id": self.index.info.get("model_id")}
 
     def item_file(self, item_id: int) -> Path:
-        """The file of an indexed image/audio item; only files recorded in the index, under its root."""
+        """The file of an indexed whole-file item (not a line of a text file); only files recorded in
+        the index, under its root."""
         item = self.index.item(item_id)
-        if item is None or item["modality"] not in ("image", "audio"):
-            raise RequestError(404, f"no image or audio item with id {item_id}")
+        if item is None or item["name"] != item["path"]:
+            raise RequestError(404, f"no item with id {item_id} that is a whole file")
         path = Path(item["path"]).resolve()
         if not path.is_relative_to(self.root) or not path.is_file():
             raise RequestError(404, f"item {item_id}: file no longer available")
@@ -211,8 +234,8 @@ class SearchService:
         from ..data.image import load_image
 
         path = self.item_file(item_id)
-        if self.index.item(item_id)["modality"] != "image":
-            raise RequestError(404, f"item {item_id} is not an image")
+        if not _is_image_file(path):
+            raise RequestError(404, f"item {item_id} is not an image file")
         image = load_image(path)
         image.thumbnail((self.config.thumb_size, self.config.thumb_size))
         buf = io.BytesIO()
@@ -224,106 +247,111 @@ class SearchService:
         return name[len(root) + 1:] if name.startswith(root + os.sep) else name
 
 
-def make_handler(service: SearchService):
-    page = PAGE.read_bytes()
+class Handler(BaseHTTPRequestHandler):
+    """The routes of the module docstring over `service` (bound by make_handler)."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive: clients reuse their connection
-        # headers and body go out in two writes; with Nagle on, the body waits for the client's
-        # delayed ACK of the headers (~40 ms per request on loopback)
-        disable_nagle_algorithm = True
-        server_version = "onepeace"
+    service: SearchService
+    page: bytes
 
-        def log_message(self, format: str, *args: Any) -> None:
-            if service.config.log_requests:
-                super().log_message(format, *args)
+    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse their connection
+    # headers and body go out in two writes; with Nagle on, the body waits for the client's
+    # delayed ACK of the headers (~40 ms per request on loopback)
+    disable_nagle_algorithm = True
+    server_version = "onepeace"
 
-        def _send(self, status: int, body: bytes, content_type: str, cache: bool = False) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("X-Content-Type-Options", "nosniff")
-            if cache:
-                self.send_header("Cache-Control", "max-age=3600")
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.service.config.log_requests:
+            super().log_message(format, *args)
 
-        def _json(self, status: int, obj: Any) -> None:
-            self._send(status, json.dumps(obj).encode(), "application/json")
+    def _send(self, status: int, body: bytes, content_type: str, cache: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        if cache:
+            self.send_header("Cache-Control", "max-age=3600")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
-        def _guard(self, fn) -> None:
-            try:
-                fn()
-            except RequestError as e:
-                self._json(e.status, {"error": str(e)})
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            except Exception as e:  # a bug, not the client's fault: report it and keep serving
-                traceback.print_exc(file=sys.stderr)
-                self._json(500, {"error": f"internal error: {type(e).__name__}: {e}"})
+    def _json(self, status: int, obj: Any) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json")
 
-        def _item_id(self, raw: str) -> int:
-            if not raw.isdigit():
-                raise RequestError(404, f"bad item id {raw!r}")
-            return int(raw)
+    def _guard(self, fn) -> None:
+        try:
+            fn()
+        except RequestError as e:
+            self._json(e.status, {"error": str(e)})
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:  # a bug, not the client's fault: report it and keep serving
+            traceback.print_exc(file=sys.stderr)
+            self._json(500, {"error": f"internal error: {type(e).__name__}: {e}"})
 
-        def do_GET(self) -> None:
-            self._guard(self._get)
+    def _item_id(self, raw: str) -> int:
+        if not raw.isdigit():
+            raise RequestError(404, f"bad item id {raw!r}")
+        return int(raw)
 
-        do_HEAD = do_GET
+    def do_GET(self) -> None:
+        self._guard(self._get)
 
-        def _get(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path in ("/", "/index.html"):
-                self._send(200, page, "text/html; charset=utf-8")
-            elif path == "/api/health":
-                self._json(200, service.health())
-            elif path == "/api/stats":
-                self._json(200, service.index.stats())
-            elif path.startswith("/api/item/"):
-                pieces = path.split("/")  # ['', 'api', 'item', ID, 'file' | 'thumb']
-                if len(pieces) != 5 or pieces[4] not in ("file", "thumb"):
-                    raise RequestError(404, f"no such resource {path}")
-                item_id = self._item_id(pieces[3])
-                if pieces[4] == "thumb":
-                    self._send(200, service.thumbnail(item_id), "image/png", cache=True)
-                else:
-                    f = service.item_file(item_id)
-                    ctype = mimetypes.guess_type(f.name)[0] or "application/octet-stream"
-                    self._send(200, f.read_bytes(), ctype, cache=True)
-            else:
+    do_HEAD = do_GET
+
+    def _get(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html"):
+            self._send(200, self.page, "text/html; charset=utf-8")
+        elif path == "/api/health":
+            self._json(200, self.service.health())
+        elif path == "/api/stats":
+            self._json(200, self.service.index.stats())
+        elif path.startswith("/api/item/"):
+            pieces = path.split("/")  # ['', 'api', 'item', ID, 'file' | 'thumb']
+            if len(pieces) != 5 or pieces[4] not in ("file", "thumb"):
                 raise RequestError(404, f"no such resource {path}")
+            item_id = self._item_id(pieces[3])
+            if pieces[4] == "thumb":
+                self._send(200, self.service.thumbnail(item_id), "image/png", cache=True)
+            else:
+                f = self.service.item_file(item_id)
+                ctype = mimetypes.guess_type(f.name)[0] or "application/octet-stream"
+                self._send(200, f.read_bytes(), ctype, cache=True)
+        else:
+            raise RequestError(404, f"no such resource {path}")
 
-        def do_POST(self) -> None:
-            self._guard(self._post)
+    def do_POST(self) -> None:
+        self._guard(self._post)
 
-        def _post(self) -> None:
-            path = self.path.split("?", 1)[0]
-            routes = {"/api/search": service.search, "/api/embed": service.embed}
-            if path not in routes:
-                known = path in ("/", "/index.html", "/api/health", "/api/stats")
-                raise RequestError(405 if known else 404, f"no POST endpoint {path} (POST /api/search or /api/embed)")
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self.close_connection = True
-                raise RequestError(411, "a Content-Length header is required")
-            limit = service.config.max_parts * (service.config.max_upload_bytes * 4 // 3 + 4096)
-            if int(length) > limit:
-                self.close_connection = True  # the body stays unread
-                raise RequestError(413, f"request body of {int(length)} bytes is too large (limit {limit})")
-            raw = self.rfile.read(int(length))
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RequestError(400, f"the request body is not valid JSON ({e})") from None
-            if not isinstance(body, dict):
-                raise RequestError(400, "the request body must be a JSON object")
-            self._json(200, routes[path](body))
+    def _post(self) -> None:
+        path = self.path.split("?", 1)[0]
+        routes = {"/api/search": self.service.search, "/api/embed": self.service.embed}
+        if path not in routes:
+            known = path in ("/", "/index.html", "/api/health", "/api/stats")
+            raise RequestError(405 if known else 404, f"no POST endpoint {path} (POST /api/search or /api/embed)")
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            raise RequestError(411, "a Content-Length header is required")
+        limit = self.service.config.max_parts * (self.service.config.max_upload_bytes * 4 // 3 + 4096)
+        if int(length) > limit:
+            self.close_connection = True  # the body stays unread
+            raise RequestError(413, f"request body of {int(length)} bytes is too large (limit {limit})")
+        raw = self.rfile.read(int(length))
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(400, f"the request body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        self._json(200, routes[path](body))
 
-    return Handler
+
+def make_handler(service: SearchService) -> type[Handler]:
+    """A Handler class bound to `service` (http.server makes one handler instance per request)."""
+    return type("BoundHandler", (Handler,), {"service": service, "page": PAGE.read_bytes()})
 
 
 class _Server(ThreadingHTTPServer):

@@ -19,6 +19,14 @@ def is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def _child_prefix(module: nn.Module, model: nn.Module) -> str:
+    """The state-dict prefix of `model` inside the wrapped `module` ('model.' for a PretrainTask)."""
+    for name, child in module.named_modules():
+        if child is model:
+            return f"{name}." if name else ""
+    raise ValueError(f"{type(model).__name__} is not a submodule of the wrapped {type(module).__name__}")
+
+
 @dataclass
 class DistributedContext:
     rank: int = 0
@@ -36,14 +44,15 @@ class DistributedContext:
 
     # ---- wrapping ----
     def wrap(self, model: nn.Module, fsdp: bool = False) -> nn.Module:
+        """DDP or FSDP2 around `model` (a PretrainTask: its forward computes the losses; FSDP shards
+        its `shard_units()` one by one, then the rest)."""
         if not self.distributed:
             return model
         if fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            for sub in (model.model, model.decoder):  # shard per encoder layer, then the rest
-                for layer in sub.encoder.layers:
-                    fully_shard(layer)
+            for unit in model.shard_units():  # shard per encoder layer, then the rest
+                fully_shard(unit)
             # FSDP2 cannot shard 0-D tensors (the released logit_scale is one): keep them replicated
             # and average their gradients ourselves (see sync_ignored_grads)
             self.ignored = [p for p in model.parameters() if p.ndim == 0]
@@ -82,13 +91,17 @@ class DistributedContext:
         if is_fsdp(module):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            prefix = _child_prefix(module, model)  # keys of `model` itself, as the unsharded path writes
+            return {k.removeprefix(prefix): v for k, v in state.items()}
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
     def load_full_state_dict(self, module: nn.Module, model: nn.Module, state: dict) -> None:
         if is_fsdp(module):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+            prefix = _child_prefix(module, model)
+            state = {prefix + k: v for k, v in state.items()}
             set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
             return
         model.load_state_dict(state, strict=True)

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import random
-import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,6 +25,7 @@ from ..modeling.pretrain import OnePeacePretrainModel, PretrainConfig, default_d
 from .config import TrainConfig
 from .distributed import DistributedContext, setup_distributed
 from .optim import apply_freezing, build_optimizer, cosine_schedule
+from .task import PretrainTask
 
 log = logging.getLogger("onepeace.train")
 CHECKPOINT_FORMAT = "onepeace-train-v1"
@@ -189,7 +189,9 @@ class Trainer:
         pm.decoder.encoder.gradient_checkpointing = cfg.grad_checkpointing
         pm.to(self.ctx.device)
         self.pm = pm
-        self.module = self.ctx.wrap(pm, fsdp=cfg.fsdp)
+        # what DDP / FSDP wrap: the model and the stage objective (their hooks run on its forward)
+        self.task = PretrainTask(pm, stage.task, cfg.loss)
+        self.module = self.ctx.wrap(self.task, fsdp=cfg.fsdp)
         self.optimizer = build_optimizer(pm if not cfg.fsdp else self.module, cfg.lr, cfg.weight_decay,
                                          cfg.betas, cfg.adam_eps)
         self.scheduler = cosine_schedule(self.optimizer, cfg.warmup_steps, cfg.steps, cfg.lr, cfg.min_lr)
@@ -283,7 +285,7 @@ class Trainer:
             batch = {key: v.to(self.ctx.device) if torch.is_tensor(v) else v for key, v in batch.items()}
             sync = k == len(micro_batches) - 1
             with self.ctx.no_sync(self.module, enabled=not sync), self._autocast():
-                losses = self.module(batch, task=self.cfg.stage.task, loss_config=self.cfg.loss)
+                losses = self.module(batch)
                 (losses["loss"] / len(micro_batches)).backward()
             for name, v in losses.items():
                 totals[name] = totals.get(name, 0.0) + float(v.detach()) / len(micro_batches)
@@ -306,7 +308,6 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.stage.name}", unit="step",
                    disable=not (cfg.progress and self.ctx.is_main))
         last: dict[str, float] = {}
-        kill_at = int(os.environ.get("ONEPEACE_TRAIN_KILL_AT_STEP", "0"))  # tests: die like a killed job
         while self.step < cfg.steps:
             loader, steps_per_epoch = self._loader(self.epoch, self.step_in_epoch)
             it = iter(loader)
@@ -328,8 +329,6 @@ class Trainer:
                     self.evaluate(metrics_path)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.step == stop_at:
                     self.save_checkpoint()
-                    if kill_at and self.step == kill_at:
-                        os.kill(os.getpid(), signal.SIGKILL)
                 if stop_at is not None and self.step >= stop_at:
                     bar.close()
                     return last

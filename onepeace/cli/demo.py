@@ -1,0 +1,70 @@
+"""The demos: `onepeace demo` (pretrain a small model on offline data), `demo-finetune`, `demo-video`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import Flags
+
+
+def register(sub, flags: Flags) -> None:
+    p = sub.add_parser("demo", parents=[flags.bpe],
+                       help="pretrain a small model on offline data, evaluate, write runs/demo/report.md")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a tiny version in about two minutes (CI)")
+    p.add_argument("--no-ablation", action="store_true", help="skip the contrast-only ablation")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    for name, func, what in (
+            ("demo-finetune", cmd_demo_finetune, "zero-shot vs linear probe vs fine-tuned accuracy on the demo data"),
+            ("demo-video", cmd_demo_video, "add a video modality to the demo model, train it against text, evaluate")):
+        p = sub.add_parser(name, parents=[flags.bpe], help=what)
+        p.add_argument("--model", "-m", default="runs/demo/model", help="the trained demo model (onepeace demo)")
+        p.add_argument("--out", default=f"runs/{name}")
+        p.add_argument("--quick", action="store_true", help="tiny sizes and a few steps (CI)")
+        p.set_defaults(func=func)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo.run import run_demo
+
+    try:
+        metrics = run_demo(args.out, quick=args.quick, seed=args.seed, ablation=False if args.no_ablation else None,
+                           bpe_dir=args.bpe_dir)
+    except RuntimeError as e:
+        print(f"onepeace demo: {e}", file=sys.stderr)
+        return 2
+    keys = ["image_zero_shot_top1", "audio_zero_shot_top1_heldout_voices", "audio_to_image_r1", "image_to_text_r1",
+            "audio_to_text_r1"]
+    abl = metrics.get("ablation_no_dcl", {})
+    print(f"{'metric':<40} {'ITC+DCL':>8} {'no DCL':>8}")
+    for k in keys:
+        print(f"{k:<40} {metrics[k]:>8.3f} {abl.get(k, float('nan')):>8.3f}")
+    print(f"{'minutes':<40} {metrics['minutes']:>8.1f}")
+    print(f"report: {Path(args.out) / 'report.md'}; model: {Path(args.out) / 'model'}")
+    return 0
+
+
+def cmd_demo_finetune(args: argparse.Namespace) -> int:
+    from ..demo.finetune import run_finetune_demo
+
+    metrics = run_finetune_demo(args.model, args.out, quick=args.quick, bpe_dir=args.bpe_dir)
+    print(f"{'method':<100} {'accuracy':>8} {'min':>5}")
+    for name, acc, minutes in metrics["table"]:
+        print(f"{name:<100} {acc:>8.3f} {minutes:>5.1f}")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_demo_video(args: argparse.Namespace) -> int:
+    from ..demo.video import run_video_demo
+
+    m = run_video_demo(args.model, args.out, quick=args.quick, bpe_dir=args.bpe_dir)
+    print(f"pre-existing parameters bit-identical after video training: {m['pre_existing_parameters_identical']}")
+    print(f"{'metric':<28} {'before':>7} {'trained':>7}")
+    for key in ("video_zero_shot_top1", "video_to_audio_r1", "audio_to_video_r1", "video_to_image_r1",
+                "image_to_video_r1", "video_to_audio_map", "video_to_image_map", "video_to_text_r1"):
+        print(f"{key:<28} {m['before_training'][key]:>7.3f} {m['trained'][key]:>7.3f}")
+    print(f"report: {Path(args.out) / 'report.md'} ({m['minutes']:.1f} min)")
+    return 0

@@ -1,0 +1,80 @@
+"""`onepeace convert` (released .pt -> converted folder) and `onepeace info` (what a checkpoint holds)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import Flags, load_model, parse_dtype
+
+
+def register(sub, flags: Flags) -> None:
+    p = sub.add_parser("convert", parents=[flags.read], help="released .pt -> config.json + model.safetensors")
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", type=parse_dtype, default=None, help="storage dtype of the output (default: keep)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", parents=[flags.model], help="config, parameters per modality, dtype")
+    p.add_argument("model", help="released .pt checkpoint or converted folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_released_checkpoint, save_converted
+
+    model, report = load_released_checkpoint(args.checkpoint, dtype=args.dtype, modalities=args.modalities,
+                                             allow_unsafe=args.allow_unsafe_pickle)
+    out = save_converted(model, args.out_dir)
+    print(report.summary())
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} ({n:,} parameters, {model.dtype})")
+    return 0
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """Parameters by branch: 'shared' (attention, norms, logit scale) and one entry per modality."""
+    from ..checkpoint import _our_key_modality
+
+    counts = {"shared": 0, **{m: 0 for m in model.modalities}}
+    for name, p in model.named_parameters():
+        counts[_our_key_modality(name, model.modalities) or "shared"] += p.numel()
+    return counts
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = load_model(args)
+    report = model.load_report
+    counts = parameter_counts(model)
+    info = {
+        "model": str(args.model), "modalities": list(model.modalities), "dtype": str(model.dtype).replace("torch.", ""),
+        "device": str(model.device), "parameters": {"total": sum(counts.values()), **counts},
+        "not_loaded": report.skipped_modalities, "storage_dtypes": report.storage_dtypes,
+        "config": model.config.to_dict(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_info(args.model, model, info)
+    return 0
+
+
+def _print_info(path, model, info: dict) -> None:
+    report, enc = model.load_report, model.config.encoder
+    print(f"model        {path}")
+    print(f"encoder      D={enc.embed_dim} F={enc.ffn_embed_dim} L={enc.layers} H={enc.attention_heads} "
+          f"(magneto={enc.magneto_scale_attn}, scale_fc={enc.scale_fc}, layer_scale={enc.use_layer_scale}, "
+          f"rel_pos_tables={enc.rel_pos_tables})")
+    print(f"modalities   {', '.join(model.modalities)}")
+    print(f"dtype        {info['dtype']} (stored: {', '.join(f'{k} x{v}' for k, v in report.storage_dtypes.items())})")
+    print(f"parameters   {info['parameters']['total']:,} total")
+    for branch, n in info["parameters"].items():
+        if branch != "total":
+            print(f"  {branch:<10} {n:>15,}")
+    for m, n in report.skipped_modalities.items():
+        print(f"  {m:<10} {'not loaded':>15} ({n} tensors in the file left unread)")
+    if report.recomputed or report.pretraining_only or report.placeholders:
+        print(f"ignored      {report.summary()}")
+    for name, cfg in model.config.adapters.items():
+        fields = {k: v for k, v in cfg.to_dict().items() if k != "kind"}
+        print(f"{name + ' adapter':<13}" + " " + ", ".join(f"{k}={v}" for k, v in fields.items()))
