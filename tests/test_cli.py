@@ -99,6 +99,9 @@ def test_info_shows_partial_loading(capsys):
 
     info = json.loads(capsys.readouterr().out)
     assert info["parameters"]["total"] == sum(v for k, v in info["parameters"].items() if k != "total")
+    # the CLI's model is packed for CPU inference; its packed weights still count
+    dense = onepeace.load(TINY_CKPT, pack=False)
+    assert info["parameters"]["total"] == sum(p.numel() for p in dense.parameters())
     assert info["dtype"] == "float32" and info["modalities"] == ["text", "image", "audio"]
 
 

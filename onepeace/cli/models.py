@@ -36,9 +36,15 @@ def parameter_counts(model) -> dict[str, int]:
     """Parameters by branch: 'shared' (attention, norms, logit scale) and one entry per modality."""
     from ..checkpoint import _our_key_modality
 
+    from ..modeling.packed import PackedLinear
+
+    # a packed layer's weight is not a Parameter (it lives packed inside the PackedLinear): count it too
+    sizes = [(name, p.numel()) for name, p in model.named_parameters()]
+    sizes += [(f"{name}.weight", m.in_features * m.out_features) for name, m in model.named_modules()
+              if isinstance(m, PackedLinear)]
     counts = {"shared": 0, **{m: 0 for m in model.modalities}}
-    for name, p in model.named_parameters():
-        counts[_our_key_modality(name, model.modalities) or "shared"] += p.numel()
+    for name, n in sizes:
+        counts[_our_key_modality(name, model.modalities) or "shared"] += n
     return counts
 
 
