@@ -166,3 +166,18 @@ def test_refused_connection_names_the_url_and_the_path(tmp_path, monkeypatch):
 def test_vision_codebase_checkpoints_are_listed_but_refused():
     with pytest.raises(ValueError, match="does not load"):
         hub.resolve("coco-detection")
+
+
+def test_cli_download_and_pretrained(serve, tmp_path, capsys):
+    from onepeace.cli import main
+
+    serve("ok")
+    assert main(["download", "tiny", "-q"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == str(tmp_path / "cache" / "checkpoints" / "converted" / "tiny")
+    assert (Path(out) / "config.json").exists()
+    assert main(["pretrained"]) == 0
+    listing = capsys.readouterr().out
+    assert "one-peace " in listing and "refcocog" in listing
+    assert main(["download", "no-such-model", "-q"]) == 2
+    assert "known: one-peace" in capsys.readouterr().err

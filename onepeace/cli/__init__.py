@@ -6,11 +6,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import demo, embed, evaluate, heads, models, search, serve, train
+from . import demo, embed, evaluate, heads, models, pretrained, search, serve, train
 from .common import shared_flags
 
 # in the order `onepeace --help` lists them
-COMMAND_GROUPS = (embed, search, serve, models, train, heads, demo, evaluate)
+COMMAND_GROUPS = (embed, search, serve, models, pretrained, train, heads, demo, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,11 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ..checkpoint import CheckpointError
+    from ..hub import DownloadError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
+    except (CheckpointError, DownloadError, FileNotFoundError, KeyError, ValueError, ImportError) as e:
         print(f"onepeace {args.command}: error: {e}", file=sys.stderr)
         return 2
 
