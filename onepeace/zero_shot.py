@@ -67,7 +67,7 @@ def check_labels(labels: Sequence[str] | str) -> list[str]:
     if isinstance(labels, str):
         raise ValueError(f"labels must be a list of strings, got the single string {labels!r} "
                          "(split it first, e.g. labels.split(','))")
-    out = [str(x).strip() if isinstance(x, str) else x for x in labels]
+    out = [x.strip() if isinstance(x, str) else x for x in labels]
     bad = [x for x in out if not isinstance(x, str) or not x]
     if bad:
         raise ValueError(f"labels must be non-empty strings, got {bad!r}")
