@@ -88,6 +88,32 @@ def test_eval_command_reports_every_modality_pair(demo, tmp_path):
 
 
 
+def test_zero_shot_public_api_equals_eval_on_the_held_out_images(demo):
+    """model.zero_shot on the demo's held-out images (the concepts' caption ensembles) gives eval's
+    top-1, in metrics.json, in the report, and when called here; the CLI classifies the shared sounds."""
+    out, _, data = demo
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["image_zero_shot_top1_public_api"] == pytest.approx(metrics["image_zero_shot_top1"], abs=1e-9)
+    assert "via `model.zero_shot`" in (out / "report.md").read_text()
+    from onepeace.data.datasets import read_manifest
+
+    model = onepeace.load(out / "model")
+    concepts = json.loads((data / "concepts.json").read_text())
+    entries = read_manifest(data / "test_vl.jsonl")
+    probs, clf = model.zero_shot([e["image"] for e in entries], concepts["concepts"], templates=concepts["templates"])
+    truth = torch.tensor([concepts["concepts"].index(e["label"]) for e in entries])
+    assert probs.shape == (len(entries), 20) and clf.modality == "image"
+    assert (probs.argmax(1) == truth).float().mean().item() == pytest.approx(metrics["image_zero_shot_top1"], abs=1e-9)
+    result = subprocess.run([sys.executable, "-m", "onepeace", "zero-shot", str(ASSETS / "cow.flac"),
+                             str(ASSETS / "dog.flac"), "-m", str(out / "model"), "--labels", "cow,dog,seven", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["results"]
+    print([(r["file"], r["top"][0]) for r in rows])
+    assert [r["modality"] for r in rows] == ["audio", "audio"]
+
+
+
 def _run_cli(args: list[str], cache) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "onepeace", *args, "--quick", "--bpe-dir", str(BPE_DIR)],
                             capture_output=True, text=True, timeout=600,

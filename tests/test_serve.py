@@ -146,6 +146,47 @@ def test_malformed_http(server):
     assert call(url, "GET", "/api/health")[0] == 200
 
 
+def test_zero_shot_endpoint_ranks_the_labels_like_the_library(server, tiny_model_dir):
+    url, root = server
+    labels = ["dog", "siren", "rain"]
+    model = onepeace.load(tiny_model_dir)
+    for path, kind in ((ASSETS / "dog.flac", "audio"), (ASSETS / "elephant.JPEG", "image")):
+        # no "modality": the server tells it from the upload's first bytes
+        status, body, _ = call(url, "POST", "/api/zero-shot",
+                               {"labels": "dog, siren,rain", "parts": [{"data": b64(path), "filename": path.name}]})
+        assert status == 200, body
+        assert body["modality"] == kind and body["labels"] == labels and len(body["results"]) == 3
+        probs, _ = model.zero_shot([str(path)], labels)
+        expected = sorted(zip(labels, probs[0].tolist()), key=lambda x: -x[1])
+        assert [r["label"] for r in body["results"]] == [x[0] for x in expected]
+        assert [r["prob"] for r in body["results"]] == pytest.approx([x[1] for x in expected], abs=1e-5)
+        assert abs(sum(r["prob"] for r in body["results"]) - 1) < 1e-5
+    status, body, _ = call(url, "POST", "/api/zero-shot", {"labels": labels, "k": 1, "parts": [
+        {"modality": "text", "text": "a dog barks"}]})
+    assert status == 200 and body["modality"] == "text" and len(body["results"]) == 1
+
+
+@pytest.mark.parametrize("body,status,words", [
+    ({"labels": [], "parts": [{"text": "x", "modality": "text"}]}, 400, ["at least one label"]),
+    ({"labels": " , ", "parts": [{"text": "x", "modality": "text"}]}, 400, ["at least one label"]),
+    ({"labels": [1, 2], "parts": [{"text": "x", "modality": "text"}]}, 400, ["labels: expected"]),
+    ({"labels": ["a", "a"], "parts": [{"text": "x", "modality": "text"}]}, 400, ["distinct"]),
+    ({"labels": ["a", "b"]}, 400, ["exactly one part"]),
+    ({"labels": ["a", "b"], "k": 0, "parts": [{"text": "x", "modality": "text"}]}, 400, ["k:"]),
+    ({"labels": ["a", "b"], "parts": [{"data": base64.b64encode(b"hello, I am text").decode(), "filename": "n.bin"}]},
+     400, ["parts[0].modality"]),
+    ({"labels": ["a", "b"], "parts": [{"data": base64.b64encode(b"\x89PNG\r\n\x1a\nbroken").decode(),
+                                        "filename": "bad.png"}]}, 422, ["bad.png", "cannot read image"]),
+])
+def test_zero_shot_bad_requests_get_a_clear_4xx(server, body, status, words):
+    url, _ = server
+    got, err, _ = call(url, "POST", "/api/zero-shot", body)
+    assert got == status, err
+    for w in words:
+        assert w in err["error"], err
+    assert call(url, "GET", "/api/health")[0] == 200
+
+
 @pytest.mark.slow
 def test_web_page_in_headless_chromium(server):
     """Type a text and search; upload an audio file and search; a bad upload shows its error."""
@@ -202,6 +243,28 @@ def test_web_page_in_headless_chromium(server):
         page.set_input_files("#image-file", str(root / "captions.txt"))
         page.click("#search")
         sync_api.expect(page.locator("#error")).to_contain_text("not a supported image file")
+
+        # the zero-shot box: labels in, ranked labels with probabilities out
+        page.fill("#zs-labels", "dog, siren, rain")
+        page.set_input_files("#zs-file", str(ASSETS / "dog.flac"))
+        page.click("#zs-run")
+        items = page.locator("#zs-results li")
+        sync_api.expect(items).to_have_count(3)
+        sync_api.expect(page.locator("#zs-status")).to_contain_text("audio")
+        shown = [(items.nth(i).locator(".label").inner_text(), float(items.nth(i).locator(".prob").inner_text()))
+                 for i in range(3)]
+        assert sorted(label for label, _ in shown) == ["dog", "rain", "siren"]
+        assert [p for _, p in shown] == sorted((p for _, p in shown), reverse=True)
+        assert abs(sum(p for _, p in shown) - 1) < 0.01
+        page.locator("#zero-shot").screenshot(path=str(ARTIFACTS / "serve-zero-shot.png"))
+        page.fill("#zs-labels", " , ")
+        page.click("#zs-run")
+        sync_api.expect(page.locator("#zs-error")).to_contain_text("type some labels")
+        page.fill("#zs-labels", "dog, cat")
+        page.set_input_files("#zs-file", str(root / "captions.txt"))
+        page.click("#zs-run")
+        sync_api.expect(page.locator("#zs-error")).to_contain_text("parts[0].modality")
+        sync_api.expect(items).to_have_count(0)
         browser.close()
     assert (ARTIFACTS / "serve.png").stat().st_size > 10_000
 

@@ -12,6 +12,7 @@ TARGETS = {
 }
 LABELS = {
     "image_zero_shot_top1": "image zero-shot top-1 (20-way, held-out images)",
+    "image_zero_shot_top1_public_api": "image zero-shot top-1 via `model.zero_shot` (the public API; equals eval's)",
     "audio_zero_shot_top1_heldout_voices": "audio zero-shot top-1 (20-way, held-out voices)",
     "audio_to_image_r1": "audio -> image R@1 (class match, never trained together)",
     "image_to_audio_r1": "image -> audio R@1 (class match, never trained together)",

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .metrics import confusion_matrix, mean_average_precision, recall_at_k
 
@@ -75,13 +74,15 @@ def embed_texts(model, texts: Sequence[str], labels: Sequence[str], batch_size: 
 
 def class_embeddings(text_set: EmbeddedSet, classes: Sequence[str]) -> torch.Tensor:
     """(C, D): prompt ensemble per class (mean of its texts' embeddings, normalised)."""
-    rows = []
+    from ..zero_shot import prompt_ensemble  # the same ensemble as model.zero_shot's classifier
+
+    groups = []
     for c in classes:
         members = [i for i, label in enumerate(text_set.labels) if label == c]
         if not members:
             raise ValueError(f"no text for class {c!r}")
-        rows.append(F.normalize(text_set.embeddings[members].mean(0), dim=-1))
-    return torch.stack(rows)
+        groups.append(members)
+    return prompt_ensemble(text_set.embeddings, groups)
 
 
 def zero_shot(media: EmbeddedSet, classes: Sequence[str], class_emb: torch.Tensor) -> dict[str, Any]:

@@ -439,6 +439,14 @@ class OnePeaceModel(nn.Module):
 
         return encode_items(self, modality, _as_list(items), batch_size)
 
+    def zero_shot(self, inputs: Sequence[Any] | Any, labels: Sequence[str], templates: Any = None,
+                  modality: str | None = None) -> tuple[torch.Tensor, Any]:
+        """Zero-shot classification on any labels: ((N, C) probabilities, a reusable classifier).
+        See onepeace.zero_shot (prompt ensembles per modality; modality from file suffixes)."""
+        from ..zero_shot import zero_shot
+
+        return zero_shot(self, inputs, labels, templates, modality)
+
 
 def _inputs_and_masks(**named: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Keyword arguments -> ({modality: input}, {modality: padding mask}), None values dropped."""

@@ -5,13 +5,16 @@
     GET  /api/stats              counts per modality, FAISS choice, model, root
     POST /api/search             {"parts": [part, ...], "modality": MODALITY|null, "k": 10} -> {"results": [...]}
     POST /api/embed              {"parts": [part, ...]} -> {"embeddings": [[...], ...], "composed": [...]}
+    POST /api/zero-shot          {"labels": ["dog", "siren"] | "dog,siren", "parts": [one part], "k": 5}
+                                 -> {"modality": M, "results": [{"label", "prob"}, ...] (best first)}
     GET  /api/item/ID/file       the indexed file of item ID (only whole indexed files are served)
     GET  /api/item/ID/thumb      a PNG thumbnail (longest side <= 256) of item ID, an image file
 
 A part is {"modality": "text", "text": "a cow", "weight": 1} (a part given as a string) or
 {"modality": M, "data": "<base64 file>", "filename": "cow.flac", "weight": 1} for any modality M of
 the model whose file type the upload's first bytes show (SIGNATURES + the registered suffixes);
-{"text": "a cow"} is short for one text part. Uploads are size-limited; a bad request gets a 4xx
+{"text": "a cow"} is short for one text part. A zero-shot upload may leave "modality" out: the file's
+first bytes give it. Uploads are size-limited; a bad request gets a 4xx
 JSON {"error": "..."} naming the part, and the server keeps running.
 """
 from __future__ import annotations
@@ -48,6 +51,8 @@ class ServeConfig:
     max_parts: int = 8
     max_text_chars: int = 2000
     max_k: int = 100
+    max_labels: int = 200  # zero-shot labels per request
+    classifier_cache: int = 16  # zero-shot classifiers kept (labels embedded once per label set)
     thumb_size: int = 256
     log_requests: bool = False
     # torch threads for the model (requests embed one at a time under a lock). 1 by default: with the
@@ -104,6 +109,7 @@ class SearchService:
         self.index, self.model, self.config = index, model, config
         self.model_lock = threading.Lock()
         self.root = Path(index.info["root"]).resolve()
+        self.classifiers: dict[tuple, Any] = {}  # (labels, modality) -> ZeroShotClassifier, oldest first
 
     # ---- parsing ----
     def parse_parts(self, body: dict[str, Any]) -> list[tuple[QueryPart, str | None]]:
@@ -214,6 +220,69 @@ class SearchService:
     def embed(self, body: dict[str, Any]) -> dict[str, Any]:
         composed, singles = self._embed(self.parse_parts(body), each=True)
         return {"dim": int(composed.shape[0]), "composed": composed.tolist(), "embeddings": [s.tolist() for s in singles]}
+
+    def zero_shot(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Ranked labels of one uploaded file (or text): the model's zero-shot classifier of the labels."""
+        t0 = time.perf_counter()
+        labels = self._zero_shot_labels(body.get("labels"))
+        k = body.get("k", len(labels))
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise RequestError(400, f"k: expected a positive integer, got {k!r}")
+        raw = body.get("parts")
+        if not isinstance(raw, list) or len(raw) != 1:
+            raise RequestError(400, 'give "parts": a list of exactly one part (the file or text to classify)')
+        part = raw[0]
+        if isinstance(part, dict) and not part.get("modality") and isinstance(part.get("data"), str):
+            part = {**part, "modality": self._sniff_base64(part["data"])}
+        parts = self.parse_parts({"parts": [part]})
+        modality = parts[0][0].modality
+        vector, _ = self._embed(parts)
+        with self.model_lock:
+            classifier = self._classifier(labels, modality)
+        probs = classifier(vector[None])  # (1, C) from the (D,) unit-norm embedding
+        top = classifier.top_k(probs, k)[0]
+        return {"modality": modality, "labels": labels, "took_ms": (time.perf_counter() - t0) * 1000,
+                "results": [{"label": label, "prob": p} for label, p in top]}
+
+    def _zero_shot_labels(self, labels: Any) -> list[str]:
+        from ..zero_shot import check_labels
+
+        if isinstance(labels, str):
+            labels = [x.strip() for x in labels.split(",") if x.strip()]
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise RequestError(400, f'labels: expected a list of strings or "a,b,c", got {labels!r}'[:300])
+        if len(labels) > self.config.max_labels:
+            raise RequestError(413, f"labels: {len(labels)} labels (at most {self.config.max_labels})")
+        if any(len(x) > self.config.max_text_chars for x in labels):
+            raise RequestError(413, f"labels: a label longer than {self.config.max_text_chars} characters")
+        try:
+            return check_labels(labels)
+        except ValueError as e:
+            raise RequestError(400, f"labels: {e}") from None
+
+    @staticmethod
+    def _sniff_base64(data: str) -> str | None:
+        """The modality of a base64 upload from its first bytes (None: unknown; parse_parts says so)."""
+        try:
+            head = base64.b64decode(data[:64] if len(data) >= 64 else data, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        kind = sniff(head)
+        return kind[0] if kind else None
+
+    def _classifier(self, labels: list[str], modality: str):
+        """The cached classifier of these labels for this modality (built once; call under model_lock)."""
+        from ..zero_shot import build_zero_shot_classifier
+
+        key = (tuple(labels), modality)
+        if key not in self.classifiers:
+            try:
+                self.classifiers[key] = build_zero_shot_classifier(self.model, labels, modality=modality)
+            except ValueError as e:  # e.g. a label's tokens outside a toy model's vocabulary
+                raise RequestError(422, f"labels: {e}") from None
+            while len(self.classifiers) > self.config.classifier_cache:
+                self.classifiers.pop(next(iter(self.classifiers)))
+        return self.classifiers[key]
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "items": sum(self.index.stats()["searchable"].values()),
@@ -327,10 +396,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _post(self) -> None:
         path = self.path.split("?", 1)[0]
-        routes = {"/api/search": self.service.search, "/api/embed": self.service.embed}
+        routes = {"/api/search": self.service.search, "/api/embed": self.service.embed,
+                  "/api/zero-shot": self.service.zero_shot}
         if path not in routes:
             known = path in ("/", "/index.html", "/api/health", "/api/stats")
-            raise RequestError(405 if known else 404, f"no POST endpoint {path} (POST /api/search or /api/embed)")
+            raise RequestError(405 if known else 404,
+                               f"no POST endpoint {path} (POST /api/search, /api/embed or /api/zero-shot)")
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             self.close_connection = True
