@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .registry import get_modality
+from .registry import get_modality, list_modalities
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None,
@@ -63,10 +63,20 @@ def embed_entries(model, modality: str, entries: Sequence[tuple[str, Any]], on_e
     chunks: list[torch.Tensor] = [torch.zeros(0, dim)]
     progress = on_progress or (lambda k: None)
     if modality not in model.adapters:
-        for name, _ in entries:
-            on_error(name, f"the model has no {modality} branch")
-        progress(len(entries))
-        return names, chunks[0]
+        compose = get_modality(modality).compose if modality in list_modalities() else None
+        if compose is None:
+            for name, _ in entries:
+                on_error(name, f"the model has no {modality} branch")
+            progress(len(entries))
+            return names, chunks[0]
+        for name, source in entries:  # composed from other branches (video files: frames + audio track)
+            try:
+                chunks.append(compose(model, [source], batch_size or 32).float().cpu())
+                names.append(name)
+            except (ValueError, OSError) as e:  # InputError names the file
+                on_error(name, str(e))
+            progress(1)
+        return names, torch.cat(chunks)
     try:  # the modality's registered preprocessing (e.g. the tokenizer, loaded now)
         prepare = modality_transform(model, modality)
     except (FileNotFoundError, ValueError) as e:  # e.g. no tokenizer files
@@ -130,7 +140,10 @@ def encode_items(model, modality: str, sources: Sequence[Any], batch_size: int |
                  **options: Any) -> torch.Tensor:
     """Raw items of any registered modality -> (N, D) L2-normalised embeddings: the modality's own
     `encode` when it registered one (it takes `options`, e.g. audio's long_audio=), else its
-    transform + embed (or collate + forward). batch_size None: the modality's default."""
+    transform + embed (or collate + forward). batch_size None: the modality's default. A model
+    without the branch uses the modality's registered `compose` path when it has one (video files)."""
+    if modality not in model.adapters and modality in list_modalities() and get_modality(modality).compose:
+        return get_modality(modality).compose(model, sources, batch_size or 32, **options)
     require_branch(model, modality)
     spec = get_modality(model.config.adapters[modality].kind)
     batch_size = batch_size or spec.batch_size
