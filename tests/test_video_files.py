@@ -131,7 +131,8 @@ def test_bad_files_raise_input_errors_naming_them(tmp_path, clips):
     from onepeace.data.image import InputError
 
     bad = make_bad_files(tmp_path, clips["mp4"])
-    expected = {"truncated": "", "empty": "", "audio_only": "no video stream", "text": ""}
+    expected = {"truncated": "Invalid data", "empty": "empty (0 bytes)", "audio_only": "no video stream",
+                "text": "Invalid data"}
     for kind, path in bad.items():
         with pytest.raises(InputError, match="cannot read video") as e:
             read_video(path)

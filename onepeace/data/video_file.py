@@ -86,6 +86,8 @@ def read_video(path: str | os.PathLike, options: VideoFileOptions = VideoFileOpt
         why = ("a folder (a folder of frames needs a model with a trained video branch)" if os.path.isdir(path)
                else "file not found")
         raise InputError(f"cannot read video {path!r}: {why}")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"cannot read video {path!r}: the file is empty (0 bytes)")
     try:
         with av.open(path) as container:
             if not container.streams.video:
@@ -101,13 +103,18 @@ def read_video(path: str | os.PathLike, options: VideoFileOptions = VideoFileOpt
     except InputError:
         raise
     except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
-        raise InputError(f"cannot read video {path!r}: {e}") from e
+        raise InputError(f"cannot read video {path!r}: {_why(e)}") from e
     if any(p is None for p in picked):
         raise InputError(f"cannot read video {path!r}: no frame could be decoded")
     times = [t - start for t, _ in picked]
     audio, audio_error = _read_audio(av, path, audio_rate, options) if options.audio else (None, None)
     return DecodedVideo(path, [img for _, img in picked], times, [round(t * fps) for t in times], duration, fps,
                         audio, audio_error)
+
+
+def _why(e: Exception) -> str:
+    """FFmpeg's message without its errno and the repeated path ("Invalid data found when processing input")."""
+    return getattr(e, "strerror", None) or str(e)
 
 
 def _frame_time(frame, stream, fallback: float) -> float:
@@ -184,7 +191,7 @@ def _read_audio(av, path: str, rate: int, options: VideoFileOptions) -> tuple[tu
             else:
                 chunks += [out.to_ndarray()[0] for out in resampler.resample(None)]
     except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
-        return None, f"cannot decode the audio track: {e}"
+        return None, f"cannot decode the audio track: {_why(e)}"
     wave = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
     if wave.shape[0] == 0:
         return None, "the audio track has no samples"
