@@ -253,3 +253,42 @@ def test_serve_sniffs_uploaded_video_containers(clips):
     assert sniff(clips["webm"].read_bytes()[:64]) == ("video", ".webm")
     assert sniff(clips["mkv"].read_bytes()[:64]) == ("video", ".mkv")
     assert set(accepted("video").split(", ")) == {"MP4", "MOV", "WEBM", "MKV"}
+
+
+def test_serve_finds_videos_serves_them_and_takes_a_video_upload_as_query(tmp_path, clips, tiny_model_dir):
+    import base64
+    import threading
+
+    require_module("faiss", "serve")
+    from onepeace.index import IndexConfig, SearchIndex, build_index
+    from onepeace.serve import ServeConfig, make_server
+    from test_serve import call
+
+    folder = tmp_path / "served"
+    make_bad_files(folder / "bad", clips["mp4"])
+    for key in ("mp4", "silent"):
+        shutil.copy(clips[key], folder / clips[key].name)
+    model = onepeace.load(tiny_model_dir)
+    model.tokenizer = onepeace.get_tokenizer(BPE_DIR)
+    build_index(folder, tmp_path / "idx", model, tiny_model_dir, IndexConfig(), progress=False, log=lambda m: None)
+    srv = make_server(SearchIndex(tmp_path / "idx"), model, ServeConfig(port=0, max_upload_bytes=200_000))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = "http://{}:{}".format(*srv.server_address[:2])
+    try:
+        status, out, _ = call(url, "POST", "/api/search", {"text": "a square moving right", "modality": "video", "k": 5})
+        assert status == 200 and {Path(h["path"]).name for h in out["results"]} == {"clip.mp4", "silent.mp4"}
+        hit = next(h for h in out["results"] if h["path"].endswith("clip.mp4"))
+        status, body, ctype = call(url, "GET", hit["file_url"])
+        assert status == 200 and body == (folder / "clip.mp4").read_bytes() and ctype == "video/mp4"
+        upload = {"modality": "video", "data": base64.b64encode((folder / "silent.mp4").read_bytes()).decode(),
+                  "filename": "query.mp4"}
+        status, out, _ = call(url, "POST", "/api/search", {"parts": [upload], "k": 1})
+        assert status == 200 and out["results"][0]["path"].endswith("silent.mp4")
+        assert out["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+        bad = {"modality": "video", "data": base64.b64encode(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 64).decode(),
+               "filename": "cut.mp4"}
+        status, out, _ = call(url, "POST", "/api/search", {"parts": [bad]})
+        assert status == 422 and "cut.mp4" in out["error"] and "cannot read video" in out["error"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
