@@ -64,19 +64,12 @@ def embed_entries(model, modality: str, entries: Sequence[tuple[str, Any]], on_e
     progress = on_progress or (lambda k: None)
     if modality not in model.adapters:
         compose = get_modality(modality).compose if modality in list_modalities() else None
-        if compose is None:
-            for name, _ in entries:
-                on_error(name, f"the model has no {modality} branch")
-            progress(len(entries))
-            return names, chunks[0]
-        for name, source in entries:  # composed from other branches (video files: frames + audio track)
-            try:
-                chunks.append(compose(model, [source], batch_size or 32).float().cpu())
-                names.append(name)
-            except (ValueError, OSError) as e:  # InputError names the file
-                on_error(name, str(e))
-            progress(1)
-        return names, torch.cat(chunks)
+        if compose is not None:  # composed from other branches (video files: frames + audio track)
+            return _embed_composed(model, compose, entries, on_error, batch_size, progress)
+        for name, _ in entries:
+            on_error(name, f"the model has no {modality} branch")
+        progress(len(entries))
+        return names, chunks[0]
     try:  # the modality's registered preprocessing (e.g. the tokenizer, loaded now)
         prepare = modality_transform(model, modality)
     except (FileNotFoundError, ValueError) as e:  # e.g. no tokenizer files
@@ -103,6 +96,22 @@ def embed_entries(model, modality: str, entries: Sequence[tuple[str, Any]], on_e
                 chunks.append(emb.float().cpu())
                 names += ok_names
         progress(len(entries[start:start + batch]))
+    return names, torch.cat(chunks)
+
+
+def _embed_composed(model, compose, entries: Sequence[tuple[str, Any]], on_error: Callable[[str, str], None],
+                    batch_size: int | None, progress: Callable[[int], None]) -> tuple[list[str], torch.Tensor]:
+    """embed_entries for a modality the model has no branch of: its `compose` path, item by item (an
+    item is a whole file, e.g. a video: many frames), bad items reported and skipped."""
+    names: list[str] = []
+    chunks = [torch.zeros(0, model.config.encoder.embed_dim)]
+    for name, source in entries:
+        try:
+            chunks.append(compose(model, [source], batch_size or 32).float().cpu())
+            names.append(name)
+        except (ValueError, OSError) as e:  # InputError names the file
+            on_error(name, str(e))
+        progress(1)
     return names, torch.cat(chunks)
 
 
