@@ -31,13 +31,13 @@ def square_x(k: int, n: int = N_FRAMES) -> int:
     return int(k * (SIDE - 16) / (n - 1))
 
 
-def write_clip(path: Path, audio: bool = True, video: bool = True) -> Path:
-    """A SECONDS-long clip at FPS (yuv420p, SIDE x SIDE) and/or a mono sine tone; the codec follows
+def write_clip(path: Path, audio: bool = True, video: bool = True, seconds: float = SECONDS, fps: int = FPS) -> Path:
+    """A `seconds`-long clip at `fps` (yuv420p, SIDE x SIDE) and/or a mono sine tone; the codec follows
     the suffix (.webm: VP8 + Opus; .mp4 .mkv .mov: MPEG-4 part 2 + AAC)."""
     webm = path.suffix == ".webm"
     out = av.open(str(path), mode="w")
     if video:
-        vs = out.add_stream("libvpx" if webm else "mpeg4", rate=FPS)
+        vs = out.add_stream("libvpx" if webm else "mpeg4", rate=fps)
         vs.width = vs.height = SIDE
         vs.pix_fmt = "yuv420p"
     if audio:
@@ -46,15 +46,16 @@ def write_clip(path: Path, audio: bool = True, video: bool = True) -> Path:
         aus.layout = "mono"
     if video:
         yy, xx = np.mgrid[:SIDE, :SIDE]
-        for k in range(N_FRAMES):
+        n = int(seconds * fps)
+        for k in range(n):
             img = np.full((SIDE, SIDE, 3), 230, np.uint8)
-            img[24:40, square_x(k):square_x(k) + 16] = 20
-            cy = int(k * (SIDE - 12) / (N_FRAMES - 1)) + 6
+            img[24:40, square_x(k, n):square_x(k, n) + 16] = 20
+            cy = int(k * (SIDE - 12) / (n - 1)) + 6
             img[(yy - cy) ** 2 + (xx - SIDE // 2) ** 2 < 25] = (200, 30, 30)
             out.mux(vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
         out.mux(vs.encode(None))
     if audio:
-        wave = (0.3 * np.sin(2 * np.pi * TONE * np.arange(int(SECONDS * rate)) / rate)).astype(np.float32)
+        wave = (0.3 * np.sin(2 * np.pi * TONE * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
         step = aus.codec_context.frame_size or 1024
         for s in range(0, wave.shape[0], step):
             f = av.AudioFrame.from_ndarray(wave[None, s:s + step], format="fltp", layout="mono")
@@ -103,6 +104,18 @@ def test_frames_are_sampled_uniformly_and_are_the_right_frames(clips, ext, seek)
         dark = np.asarray(frame.convert("L"))[26:38] < 100  # rows inside the square, (12, SIDE)
         left = int(np.argmax(dark.mean(0) > 0.5))
         assert frame.size == (SIDE, SIDE) and abs(left - square_x(k)) <= 1, (k, left, square_x(k))
+
+
+def test_a_long_file_is_read_by_seeking_not_by_decoding_it_all(tmp_path, monkeypatch):
+    import onepeace.data.video_file as video_file
+
+    path = write_clip(tmp_path / "long.mp4", audio=False, seconds=60.0, fps=4)  # 240 frames, over seek_after_s
+    monkeypatch.setattr(video_file, "_scan_frames", lambda *a: pytest.fail("a long file was scanned frame by frame"))
+    clip = read_video(path, VideoFileOptions(num_frames=5))
+    assert clip.duration == pytest.approx(60.0, abs=0.5) and clip.indices == sample_frame_indices(240, 5)
+    for k, frame in zip(clip.indices, clip.frames):
+        dark = np.asarray(frame.convert("L"))[26:38] < 100
+        assert abs(int(np.argmax(dark.mean(0) > 0.5)) - square_x(k, 240)) <= 1
 
 
 def test_frame_count_by_rate_and_the_cap(clips):
