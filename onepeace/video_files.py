@@ -85,7 +85,8 @@ def encode_video(model, items: Sequence[Any], num_frames: int | None = None, fps
             has_audio[i] = True
         times.append(clip.times)
         errors.append(clip.audio_error)
-    both = torch.nn.functional.normalize(frames + audios.nan_to_num(0.0), dim=-1)  # (a + b) / |a + b|: the normalised mean
+    # (a + b) / |a + b| of unit vectors: the normalised mean
+    both = torch.nn.functional.normalize(frames + audios.nan_to_num(0.0), dim=-1)
     fused = torch.where(has_audio[:, None], both, frames)  # without a track: exactly the frame average
     return VideoEmbeddings(frames, audios, has_audio, fused, times, errors)
 

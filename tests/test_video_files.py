@@ -137,7 +137,8 @@ def test_the_audio_track_is_decoded_mono_at_the_requested_rate(clips, ext):
     assert abs(np.argmax(spectrum) * rate / wave.shape[0] - TONE) < 5  # the tone we wrote
     short = read_video(clips[ext], VideoFileOptions(max_audio_seconds=0.5), audio_rate=8000)
     assert short.audio[1] == 8000 and short.audio[0].shape[0] == 4000
-    assert read_video(clips["silent"]).audio is None and read_video(clips[ext], VideoFileOptions(audio=False)).audio is None
+    assert read_video(clips["silent"]).audio is None
+    assert read_video(clips[ext], VideoFileOptions(audio=False)).audio is None
 
 
 def test_bad_files_raise_input_errors_naming_them(tmp_path, clips):
@@ -288,7 +289,8 @@ def test_serve_finds_videos_serves_them_and_takes_a_video_upload_as_query(tmp_pa
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = "http://{}:{}".format(*srv.server_address[:2])
     try:
-        status, out, _ = call(url, "POST", "/api/search", {"text": "a square moving right", "modality": "video", "k": 5})
+        query = {"text": "a square moving right", "modality": "video", "k": 5}
+        status, out, _ = call(url, "POST", "/api/search", query)
         assert status == 200 and {Path(h["path"]).name for h in out["results"]} == {"clip.mp4", "silent.mp4"}
         hit = next(h for h in out["results"] if h["path"].endswith("clip.mp4"))
         status, body, ctype = call(url, "GET", hit["file_url"])

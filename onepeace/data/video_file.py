@@ -138,20 +138,21 @@ def _start_and_duration(container, stream, fps: float) -> tuple[float, float]:
 
 
 def _scan_frames(container, stream, targets: list[float]) -> list:
-    """One pass: for each target, the last frame starting at or before it -> [(time, PIL image)]."""
-    picked, prev, i, k = [], None, 0, 0
-    for frame in container.decode(stream):
-        t = _frame_time(frame, stream, k / float(stream.average_rate or 25))
-        k += 1
-        while i < len(targets) and t > targets[i] + _EPS:
-            picked.append(prev if prev is not None else (t, frame.to_image()))
-            i += 1
-        if i == len(targets):
+    """One pass: for each target, the last frame starting at or before it -> [(time, PIL image)].
+    Only the previous decoded frame is held; a frame becomes a picture only when it is picked."""
+    picked: list = []
+    prev = None  # (time, av.VideoFrame) of the last frame decoded
+    rate = float(stream.average_rate or 25)
+    for k, frame in enumerate(container.decode(stream)):
+        t = _frame_time(frame, stream, k / rate)
+        while len(picked) < len(targets) and t > targets[len(picked)] + _EPS:
+            first = prev if prev is not None else (t, frame)  # a target before the first frame: take it
+            picked.append((first[0], first[1].to_image()))
+        if len(picked) == len(targets):
             break
-        prev = (t, frame.to_image()) if prev is None or prev[0] != t else prev
-    while i < len(targets):  # targets after the last frame (a header longer than the stream)
-        picked.append(prev)
-        i += 1
+        prev = (t, frame)
+    while len(picked) < len(targets):  # targets after the last frame (a header longer than the stream)
+        picked.append(None if prev is None else (prev[0], prev[1].to_image()))
     return picked
 
 
@@ -171,7 +172,8 @@ def _seek_frames(container, stream, targets: list[float]) -> list:
     return picked
 
 
-def _read_audio(av, path: str, rate: int, options: VideoFileOptions) -> tuple[tuple[np.ndarray, int] | None, str | None]:
+def _read_audio(av, path: str, rate: int, options: VideoFileOptions
+                ) -> tuple[tuple[np.ndarray, int] | None, str | None]:
     """The first audio track, mono float32 at `rate`, at most max_audio_seconds -> ((S,), rate), or
     (None, None) without a track, or (None, why) when the track cannot be decoded."""
     limit = None if options.max_audio_seconds is None else int(options.max_audio_seconds * rate)
@@ -200,4 +202,6 @@ def _read_audio(av, path: str, rate: int, options: VideoFileOptions) -> tuple[tu
 
 def is_video_file(source: Any) -> bool:
     """Whether `source` is a path whose suffix is a video container's."""
-    return isinstance(source, (str, os.PathLike)) and os.path.splitext(os.fspath(source))[1].lower() in VIDEO_FILE_EXTENSIONS
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    return os.path.splitext(os.fspath(source))[1].lower() in VIDEO_FILE_EXTENSIONS

@@ -93,7 +93,8 @@ def sniff(data: bytes) -> tuple[str, str] | None:
 
 def accepted(modality: str) -> str:
     """The upload types recognised for `modality`, e.g. 'PNG, JPG, GIF, BMP, WEBP'."""
-    exts = dict.fromkeys([e for _, e in SIGNATURES] + list(RIFF_SIGNATURES.values()) + [".mp4", ".mov", ".webm", ".mkv"])
+    containers = [".mp4", ".mov", ".webm", ".mkv"]  # what _container_ext recognises
+    exts = dict.fromkeys([e for _, e in SIGNATURES] + list(RIFF_SIGNATURES.values()) + containers)
     return ", ".join(e[1:].upper() for e in exts if _modality_of_suffix(e) == modality) or "none"
 
 
