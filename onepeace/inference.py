@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .registry import get_modality
+from .registry import get_modality, list_modalities
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None,
@@ -63,6 +63,9 @@ def embed_entries(model, modality: str, entries: Sequence[tuple[str, Any]], on_e
     chunks: list[torch.Tensor] = [torch.zeros(0, dim)]
     progress = on_progress or (lambda k: None)
     if modality not in model.adapters:
+        compose = get_modality(modality).compose if modality in list_modalities() else None
+        if compose is not None:  # composed from other branches (video files: frames + audio track)
+            return _embed_composed(model, compose, entries, on_error, batch_size, progress)
         for name, _ in entries:
             on_error(name, f"the model has no {modality} branch")
         progress(len(entries))
@@ -93,6 +96,22 @@ def embed_entries(model, modality: str, entries: Sequence[tuple[str, Any]], on_e
                 chunks.append(emb.float().cpu())
                 names += ok_names
         progress(len(entries[start:start + batch]))
+    return names, torch.cat(chunks)
+
+
+def _embed_composed(model, compose, entries: Sequence[tuple[str, Any]], on_error: Callable[[str, str], None],
+                    batch_size: int | None, progress: Callable[[int], None]) -> tuple[list[str], torch.Tensor]:
+    """embed_entries for a modality the model has no branch of: its `compose` path, item by item (an
+    item is a whole file, e.g. a video: many frames), bad items reported and skipped."""
+    names: list[str] = []
+    chunks = [torch.zeros(0, model.config.encoder.embed_dim)]
+    for name, source in entries:
+        try:
+            chunks.append(compose(model, [source], batch_size or 32).float().cpu())
+            names.append(name)
+        except (ValueError, OSError) as e:  # InputError names the file
+            on_error(name, str(e))
+        progress(1)
     return names, torch.cat(chunks)
 
 
@@ -130,7 +149,10 @@ def encode_items(model, modality: str, sources: Sequence[Any], batch_size: int |
                  **options: Any) -> torch.Tensor:
     """Raw items of any registered modality -> (N, D) L2-normalised embeddings: the modality's own
     `encode` when it registered one (it takes `options`, e.g. audio's long_audio=), else its
-    transform + embed (or collate + forward). batch_size None: the modality's default."""
+    transform + embed (or collate + forward). batch_size None: the modality's default. A model
+    without the branch uses the modality's registered `compose` path when it has one (video files)."""
+    if modality not in model.adapters and modality in list_modalities() and get_modality(modality).compose:
+        return get_modality(modality).compose(model, sources, batch_size or 32, **options)
     require_branch(model, modality)
     spec = get_modality(model.config.adapters[modality].kind)
     batch_size = batch_size or spec.batch_size

@@ -32,6 +32,10 @@ Embed = Callable[[Any, Sequence[torch.Tensor], int], torch.Tensor]
 # encode(model, raw items, batch_size, **options) -> (N, D): an optional whole raw-item path with
 # options of its own (audio: long_audio="windows"); without it, transform + embed (or collate)
 Encode = Callable[..., torch.Tensor]
+# compose(model, raw items, batch_size, **options) -> (N, D): how a model WITHOUT this modality's branch
+# embeds its items from the branches it has (video files: frame average of the image branch + the
+# audio track); None: the branch is required
+Compose = Callable[..., torch.Tensor]
 # example(model, n) -> forward keyword arguments of n random but valid items (smoke tests, benchmarks)
 Example = Callable[[Any, int], dict[str, torch.Tensor]]
 
@@ -54,6 +58,7 @@ class Modality:
     suffixes: frozenset[str] = frozenset()  # lower-case file suffixes that hold items of this kind
     batch_size: int = 16  # default items per batch of batch jobs (CLI embed, index build)
     example: Example | None = None
+    compose: Compose | None = None  # the path for models without this branch (see Compose)
 
 
 MODALITIES: dict[str, Modality] = {}  # kind -> record, in registration order
@@ -61,8 +66,8 @@ MODALITIES: dict[str, Modality] = {}  # kind -> record, in registration order
 
 def register_modality(kind: str, config_cls: type, adapter_cls: type, transform: TransformFactory | None = None,
                       collate: Collate | None = None, embed: Embed | None = None, *, encode: Encode | None = None,
-                      suffixes: Sequence[str] = (), batch_size: int = 16, example: Example | None = None
-                      ) -> Modality:
+                      suffixes: Sequence[str] = (), batch_size: int = 16, example: Example | None = None,
+                      compose: Compose | None = None) -> Modality:
     """Make `kind` usable in model configs (its adapter, config class, preprocessing and collate).
 
     Registering the same classes again (a module re-imported) is allowed; another class under a
@@ -87,7 +92,7 @@ def register_modality(kind: str, config_cls: type, adapter_cls: type, transform:
         raise ValueError(f"suffixes {clash} of {kind!r} already belong to {sorted({taken[s] for s in clash})}")
     config_cls.kind = kind
     MODALITIES[kind] = Modality(kind, config_cls, adapter_cls, transform, collate, embed, encode,
-                                frozenset(suffixes), batch_size, example)
+                                frozenset(suffixes), batch_size, example, compose)
     return MODALITIES[kind]
 
 
@@ -126,6 +131,19 @@ def modality_for_path(path: str | os.PathLike) -> str | None:
 def file_modalities() -> tuple[str, ...]:
     """The kinds that files on disk can hold (those with suffixes), in registration order."""
     return tuple(m.kind for m in MODALITIES.values() if m.suffixes)
+
+
+def can_embed(model: Any, kind: str) -> bool:
+    """Whether `model` embeds items of `kind`: it has that branch, or the kind registered a `compose`
+    path built from other branches (video files on a model without a video branch)."""
+    if kind in model.adapters:
+        return True
+    return kind in MODALITIES and MODALITIES[kind].compose is not None
+
+
+def embeddable_modalities(model: Any) -> tuple[str, ...]:
+    """The kinds `model` can embed (its branches, then the registered kinds it can compose)."""
+    return tuple(dict.fromkeys([*model.modalities, *(k for k in MODALITIES if can_embed(model, k))]))
 
 
 def adapter_class(cfg: Any) -> type:

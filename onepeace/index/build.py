@@ -1,4 +1,5 @@
-"""`onepeace index`: embed every image, audio and text file under a folder into an index folder.
+"""`onepeace index`: embed every file of a registered modality (image, audio, video, text ...) under a
+folder into an index folder.
 
 Resumable and incremental: files are embedded in chunks, each chunk's shard written atomically and
 its files recorded in SQLite in one transaction; a rerun skips files recorded with the same size,
@@ -23,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from ..data.files import find_inputs, text_items
+from ..registry import embeddable_modalities
 from .store import IndexStore, model_id as compute_model_id
 
 
@@ -120,7 +122,7 @@ def _record_info(store: IndexStore, root_path: Path, out, model, model_path, mid
         raise ValueError(f"{out} indexes {info['root']}, not {root_path}; pass that folder or another --out")
     if rank == 0:
         store.set_info(root=str(root_path), model=str(Path(model_path).resolve()), model_id=mid,
-                       dim=model.config.encoder.embed_dim, modalities=list(model.modalities), config=config.__dict__)
+                       dim=model.config.encoder.embed_dim, modalities=list(embeddable_modalities(model)), config=config.__dict__)
     return info
 
 

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..registry import can_embed
 from .store import IndexStore, model_id, require_faiss
 
 
@@ -60,7 +61,7 @@ def embed_query(model, parts: Sequence[QueryPart]) -> np.ndarray:
     for i, part in enumerate(parts):
         if not np.isfinite(part.weight):
             raise ValueError(f"query part {part.name or i}: weight must be a finite number, got {part.weight}")
-        if part.modality not in model.adapters:
+        if not can_embed(model, part.modality):
             raise ValueError(f"query part {part.name or i}: the model has no {part.modality!r} branch "
                              f"(it has {', '.join(model.modalities)})")
         try:  # the modality's registered preprocessing and embedding path

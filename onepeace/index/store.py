@@ -207,7 +207,9 @@ class IndexStore:
     def counts(self) -> dict[str, Any]:
         items = dict(self.query("SELECT modality, COUNT(*) FROM items GROUP BY modality"))
         files = dict(self.query("SELECT status, COUNT(*) FROM files GROUP BY status"))
-        return {"items": {m: items.get(m, 0) for m in file_modalities()}, "files_ok": files.get("ok", 0),
+        # the kinds with items, in registration order (an index of photos lists no empty video count)
+        kinds = [m for m in dict.fromkeys([*file_modalities(), *items]) if m in items]
+        return {"items": {m: items[m] for m in kinds}, "files_ok": files.get("ok", 0),
                 "files_failed": files.get("failed", 0)}
 
     def failed(self) -> list[tuple[str, str]]:

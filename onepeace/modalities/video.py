@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config import CLIP_MEAN, CLIP_STD, AdapterConfig
 from ..data.image import ImageTransform, InputError
+from ..data.video_file import VIDEO_FILE_EXTENSIONS, VideoFileOptions, is_video_file, read_video
 from ..modeling.adapters.base import Adapter, AdapterOutput
 from ..modeling.adapters.image import HierarchicalMLPStem, ImageAdapter, LinearPatchStem
 from ..registry import register_modality
@@ -110,11 +111,15 @@ class VideoAdapter(Adapter):
 
 
 # ---- preprocessing ----
-def read_frames(source: Any) -> list:
+def read_frames(source: Any, num_frames: int = 8) -> list:
     """A clip as a list of PIL images: a path to an animated image (GIF, APNG, WebP), a folder of
-    image files (sorted by name), a sequence of paths / PIL images, or a (T, H, W[, 3]) uint8 array."""
+    image files (sorted by name), a sequence of paths / PIL images, or a (T, H, W[, 3]) uint8 array.
+    A video file (.mp4 .webm .mkv .mov ..., decoded with PyAV) gives its `num_frames` uniformly
+    sampled frames only (never the whole file)."""
     from PIL import Image, ImageSequence
 
+    if is_video_file(source):
+        return read_video(source, VideoFileOptions(num_frames=num_frames, audio=False)).frames
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
@@ -152,7 +157,7 @@ class VideoTransform:
     frame: ImageTransform
 
     def __call__(self, source: Any) -> torch.Tensor:
-        frames = read_frames(source)
+        frames = read_frames(source, self.num_frames)
         return torch.stack([self.frame(frames[i]) for i in sample_frame_indices(len(frames), self.num_frames)])
 
 
@@ -175,4 +180,15 @@ def example_videos(model, n: int) -> dict[str, torch.Tensor]:
     return collate_videos(model, list(torch.randn(n, cfg.num_frames, 3, cfg.image_size, cfg.image_size)))
 
 
-register_modality("video", VideoAdapterConfig, VideoAdapter, video_transform, collate_videos, example=example_videos)
+def compose_video_files(model, sources: Sequence[Any], batch_size: int = 32, **options: Any) -> torch.Tensor:
+    """Without a video branch (the released model): frames through the image branch, averaged, fused
+    with the audio track's embedding (onepeace.video_files, imported here: it needs the model's API)."""
+    from ..video_files import compose_video_files as compose
+
+    return compose(model, sources, batch_size, **options)
+
+
+# video files (.mp4 .webm .mkv .mov ...) are this modality's: the trained branch when the model has one,
+# else compose_video_files; GIFs stay images (a folder or a GIF is a clip with `--as video`)
+register_modality("video", VideoAdapterConfig, VideoAdapter, video_transform, collate_videos, example=example_videos,
+                  suffixes=sorted(VIDEO_FILE_EXTENSIONS), batch_size=4, compose=compose_video_files)

@@ -432,6 +432,15 @@ class OnePeaceModel(nn.Module):
 
         return encode_items(self, "audio", _as_list(audios, tuple_is_item=True), batch_size, long_audio=long_audio)
 
+    def encode_video(self, videos: Sequence[Any], num_frames: int | None = 8, fps: float | None = None,
+                     **options: Any):
+        """Video files (.mp4 .webm .mkv .mov ...) -> VideoEmbeddings: `frames` (N, D) the averaged image
+        embeddings of `num_frames` uniform frames (or `fps` per second), `audio` (N, D) the audio track's
+        (NaN rows + `has_audio` mask without one), `fused`. No video branch needed: see onepeace.video_files."""
+        from ..video_files import encode_video
+
+        return encode_video(self, _as_list(videos), num_frames=num_frames, fps=fps, **options)
+
     def encode_items(self, modality: str, items: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
         """Raw items of any branch (``model.encode_items("video", ["clip.gif"])``) -> (N, D) L2-normalised
         embeddings, through the modality's registered preprocessing and collate."""

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..index.search import QueryPart, SearchIndex, embed_query
+from ..registry import can_embed, embeddable_modalities
 
 PAGE = Path(__file__).with_name("page.html")
 DEMO_MODEL = Path("runs/demo/model")
@@ -69,6 +70,16 @@ SIGNATURES = [
     (b"\xff\xf3", ".mp3"), (b"\xff\xf2", ".mp3"),
 ]
 RIFF_SIGNATURES = {b"WAVE": ".wav", b"WEBP": ".webp"}  # RIFF containers: the type is at bytes 8-12
+EBML = b"\x1a\x45\xdf\xa3"  # Matroska / WebM (the doctype string follows within the header)
+
+
+def _container_ext(data: bytes) -> str | None:
+    """ISO media (bytes 4-8 "ftyp": .mov for QuickTime's brand, else .mp4) and Matroska/WebM."""
+    if data[4:8] == b"ftyp":
+        return ".mov" if data[8:12] == b"qt  " else ".mp4"
+    if data.startswith(EBML):
+        return ".webm" if b"webm" in data[:64] else ".mkv"
+    return None
 
 
 def _modality_of_suffix(ext: str) -> str | None:
@@ -80,14 +91,15 @@ def _modality_of_suffix(ext: str) -> str | None:
 def sniff(data: bytes) -> tuple[str, str] | None:
     """(modality, extension) of an uploaded file from its first bytes, or None."""
     ext = RIFF_SIGNATURES.get(data[8:12]) if data[:4] == b"RIFF" else None
-    ext = ext or next((e for magic, e in SIGNATURES if data.startswith(magic)), None)
+    ext = ext or next((e for magic, e in SIGNATURES if data.startswith(magic)), None) or _container_ext(data)
     modality = _modality_of_suffix(ext) if ext else None
     return (modality, ext) if modality else None
 
 
 def accepted(modality: str) -> str:
     """The upload types recognised for `modality`, e.g. 'PNG, JPG, GIF, BMP, WEBP'."""
-    exts = dict.fromkeys([e for _, e in SIGNATURES] + list(RIFF_SIGNATURES.values()))
+    containers = [".mp4", ".mov", ".webm", ".mkv"]  # what _container_ext recognises
+    exts = dict.fromkeys([e for _, e in SIGNATURES] + list(RIFF_SIGNATURES.values()) + containers)
     return ", ".join(e[1:].upper() for e in exts if _modality_of_suffix(e) == modality) or "none"
 
 
@@ -139,9 +151,9 @@ class SearchService:
         weight = p.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not np.isfinite(weight):
             raise RequestError(400, f"parts[{i}].weight: expected a finite number, got {weight!r}")
-        if modality not in self.model.modalities:
+        if not isinstance(modality, str) or not can_embed(self.model, modality):
             raise RequestError(400, f"parts[{i}].modality: expected one of the model's modalities "
-                                    f"{', '.join(map(repr, self.model.modalities))}, got {modality!r}")
+                                    f"{', '.join(map(repr, embeddable_modalities(self.model)))}, got {modality!r}")
         if "text" in p:  # a part given as a string (the text modality's items)
             return self._text_part(i, p.get("text"), modality, float(weight)), None
         return self._upload_part(i, p, modality, float(weight))
