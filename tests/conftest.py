@@ -1,5 +1,8 @@
-"""Shared paths and fixtures. The shared folder (fixtures, assets, BPE) sits beside the project; tests
-that need it fail with a clear message when it is missing (CI always has it)."""
+"""Shared paths and fixtures. The shared folder (the official fixtures, sample assets, the released BPE
+files) sits beside the project. In CI (CI=true) or with ONEPEACE_REQUIRE_SHARED=1, a test that needs it
+and does not find it FAILS with a message naming the folder. Elsewhere (a user's fresh clone without
+the fixtures) such a test is SKIPPED with that message, so the README's test command still checks
+everything that does not depend on the fixtures; no test is skipped when the folder is there."""
 from __future__ import annotations
 
 import json
@@ -16,11 +19,32 @@ BPE_DIR = Path(os.environ.get("ONEPEACE_BPE_DIR", SHARED / "official-bpe"))
 TINY_CKPT = FIXTURES / "official-tiny" / "checkpoint.pt"
 
 
+SHARED_REQUIRED = bool(os.environ.get("CI")) or os.environ.get("ONEPEACE_REQUIRE_SHARED") == "1"
+
+
+def _missing_shared_message(path: Path) -> str:
+    return f"{path} is missing: these tests need the project's shared folder at {SHARED} (or set ONEPEACE_SHARED)"
+
+
 def require(path: Path) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: these tests need the project's shared folder at {SHARED} "
-                                "(or set ONEPEACE_SHARED)")
+        if SHARED_REQUIRED or SHARED.exists():  # CI, or a shared folder that lacks a file: a real failure
+            raise FileNotFoundError(_missing_shared_message(path))
+        pytest.skip(_missing_shared_message(path), allow_module_level=True)
     return path
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Without the shared folder (and outside CI), a test that failed because it could not open a file
+    in that folder is reported as skipped, naming the folder; any other failure stays a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if SHARED_REQUIRED or SHARED.exists() or call.excinfo is None or not report.failed:
+        return
+    if str(SHARED) in str(call.excinfo.value):
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {_missing_shared_message(SHARED)}")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import onepeace
-from conftest import ASSETS, BPE_DIR, TINY_CKPT, require
+from conftest import ASSETS, TINY_CKPT, require
 
 
 @pytest.fixture()
@@ -29,10 +29,9 @@ def assets_with_corrupt_file(tmp_path):
 @pytest.mark.slow  # a subprocess loading torch
 def test_embed_folder_reports_and_skips_bad_files(tmp_path, assets_with_corrupt_file):
     out = tmp_path / "emb.npz"
-    env = {**os.environ, "ONEPEACE_BPE_DIR": str(BPE_DIR)}
-    result = subprocess.run(
-        [sys.executable, "-m", "onepeace", "embed", "--model", str(TINY_CKPT), str(assets_with_corrupt_file),
-         "-o", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(  # no ONEPEACE_BPE_DIR: the packaged tokenizer
+        [sys.executable, "-m", "onepeace", "embed", "--model", str(require(TINY_CKPT)), str(assets_with_corrupt_file),
+         "-o", str(out)], capture_output=True, text=True, timeout=300)
     print(result.stdout, result.stderr[-2000:])
     assert result.returncode == 0, result.stderr
     assert "corrupt.jpg" in result.stderr and "empty.flac" in result.stderr
@@ -55,8 +54,8 @@ def test_embed_text_needs_the_models_vocabulary(tmp_path, capsys):
     from onepeace.cli import main
 
     out = tmp_path / "t.npz"
-    rc = main(["embed", "--model", str(TINY_CKPT), "--text", "a dog", "--bpe-dir", str(BPE_DIR), "-o", str(out), "-q"])
-    assert rc == 1  # nothing embedded
+    rc = main(["embed", "--model", str(require(TINY_CKPT)), "--text", "a dog", "-o", str(out), "-q"])
+    assert rc == 1  # nothing embedded (the packaged tokenizer's ids are outside the tiny vocabulary)
     err = capsys.readouterr().err
     assert "vocabulary of 120" in err
 
@@ -70,7 +69,7 @@ def test_embed_texts_with_a_real_vocabulary(tmp_path):
     (tmp_path / "captions.txt").write_text("a dog\n\na cow\n")
     out = tmp_path / "t.npz"
     rc = main(["embed", "-m", str(tmp_path / "model"), str(tmp_path / "captions.txt"), "-t", "an elephant",
-               "--bpe-dir", str(BPE_DIR), "-o", str(out), "-q"])
+               "-o", str(out), "-q"])  # the packaged tokenizer: no --bpe-dir needed
     assert rc == 0
     data = np.load(out)
     assert list(data["files"]) == ["--text[0]", f"{tmp_path / 'captions.txt'}:1", f"{tmp_path / 'captions.txt'}:3"]

@@ -108,7 +108,7 @@ def test_classify_cli_ranks_labels_for_audio(tmp_path, capsys):
     save_released_checkpoint(model, tmp_path / "audio-head.pt")
     (tmp_path / "labels.json").write_text(json.dumps(["dog", "cow", "rain", "engine", "bird"]))
     (tmp_path / "bad.flac").write_bytes(b"")
-    rc = main(["classify", "--model", str(tmp_path / "audio-head.pt"), str(ASSETS / "cow.flac"), str(ASSETS / "dog.flac"),
+    rc = main(["classify", "--model", str(tmp_path / "audio-head.pt"), str(require(ASSETS / "cow.flac")), str(ASSETS / "dog.flac"),
                str(tmp_path / "bad.flac"), "--labels", str(tmp_path / "labels.json"), "-k", "3"])
     captured = capsys.readouterr()
     assert rc == 1 and "bad.flac" in captured.err  # reported and skipped, the others done
