@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .registry import modality_for_path
+from .registry import can_embed, modality_for_path
 
 # ImageNet-style photo prompts (a CLIP-like ensemble of our own choosing; "{}" is the label)
 IMAGE_TEMPLATES: tuple[str, ...] = (
@@ -136,7 +136,7 @@ def infer_modality(inputs: Sequence[Any], modality: str | None = None) -> str:
 
 
 def check_modality(model, modality: str) -> None:
-    if modality not in model.modalities:
+    if not can_embed(model, modality):  # its own branch, or a registered compose path (video files)
         raise ValueError(f"unknown modality {modality!r} for zero-shot classification: this model has the "
                          f"branches {list(model.modalities)}")
     if "text" not in model.modalities:

@@ -307,3 +307,26 @@ def test_serve_finds_videos_serves_them_and_takes_a_video_upload_as_query(tmp_pa
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_zero_shot_takes_video_files_without_a_video_branch(tmp_path, clips, tiny_model_dir, capsys):
+    """The released weights have no video branch: zero-shot embeds a clip as encode_video's fused
+    embedding (frames + track), in the library and the CLI; a bad clip is reported and skipped."""
+    import json
+
+    from onepeace.cli import main
+
+    model = onepeace.load(tiny_model_dir)
+    assert "video" not in model.adapters
+    labels = ["a square", "a tone", "rain"]
+    probs, classifier = model.zero_shot([clips["mp4"], clips["silent"]], labels)
+    assert probs.shape == (2, 3) and torch.allclose(probs.sum(1), torch.ones(2))
+    by_hand = classifier(model.encode_video([clips["mp4"], clips["silent"]]).fused)
+    assert torch.allclose(probs, by_hand, atol=1e-6)
+    bad = make_bad_files(tmp_path / "bad", clips["mp4"])["empty"]
+    assert main(["zero-shot", str(clips["mp4"]), str(bad), "--labels", ",".join(labels), "--json",
+                 "-m", str(tiny_model_dir)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["file"] for r in out["results"]] == [str(clips["mp4"])]
+    assert [s["file"] for s in out["skipped"]] == [str(bad)]
+    assert [out["results"][0]["probs"][label] for label in labels] == pytest.approx(probs[0].tolist(), abs=1e-5)

@@ -52,14 +52,14 @@ def read_templates(path: str | None):
 
 def _group_by_modality(files: list[str], model, skip) -> dict[str, list[str]]:
     """{modality: [files]} in input order; files of no known modality or branch go to `skip`."""
-    from ..registry import modality_for_path
+    from ..registry import can_embed, modality_for_path
 
     groups: dict[str, list[str]] = {}
     for path in files:
         kind = modality_for_path(path)
         if kind is None or kind == "text":
             skip(path, "not a file type of a zero-shot modality (by its suffix)")
-        elif kind not in model.modalities:
+        elif not can_embed(model, kind):  # video files also embed through image + audio (compose)
             skip(path, f"a {kind} file, but the model has no {kind} branch (it has {list(model.modalities)})")
         elif not Path(path).is_file():
             skip(path, "no such file")
