@@ -163,8 +163,8 @@ def download(name: str, *, progress: bool = True, checkpoint: PretrainedCheckpoi
     ckpt = checkpoint or get_pretrained(name)
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    target, hash_file = folder / ckpt.filename, folder / f"{ckpt.filename}.sha256"
-    known = ckpt.sha256 or (hash_file.read_text().strip() if hash_file.exists() else None)
+    target, hash_file = folder / ckpt.filename, _hash_file(ckpt)
+    known = expected_sha256(ckpt)
     if target.exists() and known is not None:
         _verify(target, known, ckpt)
         return target
@@ -186,6 +186,16 @@ def download(name: str, *, progress: bool = True, checkpoint: PretrainedCheckpoi
     return target
 
 
+def _hash_file(ckpt: PretrainedCheckpoint) -> Path:
+    return cache_dir() / f"{ckpt.filename}.sha256"
+
+
+def expected_sha256(ckpt: PretrainedCheckpoint) -> str | None:
+    """The published sha256, else the one recorded at the first download, else None."""
+    hash_file = _hash_file(ckpt)
+    return ckpt.sha256 or (hash_file.read_text().strip() if hash_file.exists() else None)
+
+
 def _verify(path: Path, expected: str, ckpt: PretrainedCheckpoint) -> None:
     actual = sha256_of(path)
     if actual != expected:
@@ -203,7 +213,7 @@ def resolve(name: str, *, progress: bool = True,
     out = cache_dir() / "converted" / name
     done = out / "converted-from.sha256"
     source = download(name, progress=progress)
-    recorded = (cache_dir() / f"{ckpt.filename}.sha256").read_text().strip() if ckpt.sha256 is None else ckpt.sha256
+    recorded = expected_sha256(ckpt)  # set by now: published, or recorded by the download
     if done.exists() and done.read_text().strip() == recorded:
         return out
     if convert is None:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .registry import get_modality, list_modalities
+from .registry import compose_path, get_modality
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None,
@@ -63,7 +63,7 @@ def embed_entries(model, modality: str, entries: Sequence[tuple[str, Any]], on_e
     chunks: list[torch.Tensor] = [torch.zeros(0, dim)]
     progress = on_progress or (lambda k: None)
     if modality not in model.adapters:
-        compose = get_modality(modality).compose if modality in list_modalities() else None
+        compose = compose_path(model, modality)
         if compose is not None:  # composed from other branches (video files: frames + audio track)
             return _embed_composed(model, compose, entries, on_error, batch_size, progress)
         for name, _ in entries:
@@ -151,8 +151,9 @@ def encode_items(model, modality: str, sources: Sequence[Any], batch_size: int |
     `encode` when it registered one (it takes `options`, e.g. audio's long_audio=), else its
     transform + embed (or collate + forward). batch_size None: the modality's default. A model
     without the branch uses the modality's registered `compose` path when it has one (video files)."""
-    if modality not in model.adapters and modality in list_modalities() and get_modality(modality).compose:
-        return get_modality(modality).compose(model, sources, batch_size or 32, **options)
+    compose = compose_path(model, modality)
+    if compose is not None:
+        return compose(model, sources, batch_size or 32, **options)
     require_branch(model, modality)
     spec = get_modality(model.config.adapters[modality].kind)
     batch_size = batch_size or spec.batch_size

@@ -133,12 +133,17 @@ def file_modalities() -> tuple[str, ...]:
     return tuple(m.kind for m in MODALITIES.values() if m.suffixes)
 
 
+def compose_path(model: Any, kind: str) -> Callable | None:
+    """The `compose` path `kind` registered, when `model` lacks that branch and must build the
+    embedding from its other branches (video files on a model without a video branch); else None."""
+    if kind in model.adapters or kind not in MODALITIES:
+        return None
+    return MODALITIES[kind].compose
+
+
 def can_embed(model: Any, kind: str) -> bool:
-    """Whether `model` embeds items of `kind`: it has that branch, or the kind registered a `compose`
-    path built from other branches (video files on a model without a video branch)."""
-    if kind in model.adapters:
-        return True
-    return kind in MODALITIES and MODALITIES[kind].compose is not None
+    """Whether `model` embeds items of `kind`: it has that branch, or a `compose` path (see above)."""
+    return kind in model.adapters or compose_path(model, kind) is not None
 
 
 def embeddable_modalities(model: Any) -> tuple[str, ...]:
