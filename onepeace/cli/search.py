@@ -26,6 +26,8 @@ def _register_index(sub, flags: Flags) -> None:
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default nlist/8, >= 8)")
     p.add_argument("--rank", type=int, default=None, help="this process's share (default: torchrun's RANK, else 0)")
     p.add_argument("--world-size", type=int, default=None, help="number of shares (default: WORLD_SIZE, else 1)")
+    p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
+                   help="when another run holds --out: wait at most this long (0: fail at once; default: wait)")
     p.set_defaults(func=cmd_index)
 
 
@@ -67,7 +69,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                          nlist=args.nlist, nprobe=args.nprobe)
     model = load_model(args)
     report = build_index(args.folder, args.out, model, args.model, config, rank=args.rank, world_size=args.world_size,
-                         progress=not args.quiet)
+                         progress=not args.quiet, lock_timeout=args.lock_timeout)
     print(f"{args.out}: {report.summary()}")
     for path, why in report.failed:
         print(f"  failed {path}: {why}")

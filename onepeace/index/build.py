@@ -10,6 +10,13 @@ to it (a stable split, so a rerun with any progress gives every rank the same fi
 shards, and rank 0 merges (builds the FAISS indexes) after a barrier. Without torchrun,
 `rank`/`world_size` can be given explicitly (e.g. a job array); rank 0 then merges whatever is done,
 and a final plain run embeds any remainder and merges.
+
+Locked and self-healing (see :mod:`.lock` and :mod:`.store`): a plain run (or a torchrun job, through
+rank 0) holds the folder's lock, so a second run waits for it (saying who holds it) or, with
+`lock_timeout`, gives up with IndexLockedError; ranks of a job array lock only their own share. At
+the start the run checks the recorded shards (re-embedding the files of a missing, truncated or
+corrupt one), at the merge the FAISS files (rebuilding a missing, corrupt or stale one). An item whose
+embedding is not finite (NaN/inf) is reported and skipped, never indexed.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import os
 import sys
 import time
 import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,6 +33,7 @@ import numpy as np
 
 from ..data.files import find_inputs, text_items
 from ..registry import embeddable_modalities
+from .lock import IndexLock
 from .store import IndexStore, model_id as compute_model_id
 
 
@@ -48,6 +57,8 @@ class IndexReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     chunks: int = 0
     faiss: dict = field(default_factory=dict)
+    healed: list[tuple[str, str, int]] = field(default_factory=list)  # bad shards: (name, why, files re-queued)
+    faiss_rebuilt: dict[str, str] = field(default_factory=dict)  # modality -> why its FAISS file was rebuilt
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -56,6 +67,9 @@ class IndexReport:
         return (f"{self.scanned} files: {self.unchanged} unchanged (skipped), {self.embedded_files} embedded "
                 f"({self.embedded_items} items, {self.changed} of them changed), {len(self.failed)} failed, "
                 f"{self.removed} removed; {self.chunks} chunks in {self.seconds:.1f} s"
+                + (f"; healed {len(self.healed)} bad shard(s) ({sum(h[2] for h in self.healed)} files re-embedded)"
+                   if self.healed else "")
+                + (f"; rebuilt FAISS {', '.join(self.faiss_rebuilt)}" if self.faiss_rebuilt else "")
                 + (f"; FAISS {kinds}" if kinds else ""))
 
 
@@ -70,10 +84,12 @@ def _dist_env() -> tuple[int, int]:
 
 def build_index(root: str | os.PathLike, out: str | os.PathLike, model, model_path: str | os.PathLike,
                 config: IndexConfig = IndexConfig(), rank: int | None = None, world_size: int | None = None,
-                progress: bool = True, log: Callable[[str], None] | None = None) -> IndexReport:
+                progress: bool = True, log: Callable[[str], None] | None = None,
+                lock_timeout: float | None = None) -> IndexReport:
     """Index every file of a registered modality (and .txt / .jsonl texts) under `root` into the folder
     `out` (see the module docstring). `model` is the loaded model, `model_path` where it came from
-    (recorded, and hashed into the model id). Bad files are reported through `log` and recorded as failed."""
+    (recorded, and hashed into the model id). Bad files are reported through `log` and recorded as failed.
+    `lock_timeout`: seconds to wait for another run holding `out` (None: as long as it takes; 0: none)."""
     from tqdm import tqdm
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
@@ -87,12 +103,35 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, model, model_pa
     root_path = Path(root).resolve()
     if not root_path.is_dir():
         raise FileNotFoundError(f"{root}: no such folder to index")
-    store = IndexStore(out, create=True)
+    # the run owns the whole folder (a plain run; a torchrun job, whose rank 0 locks for all ranks)
+    # or, as one share of a job array, only its own rank's shards
+    exclusive = world_size == 1 or dist is not None
+    owner = dist is None or rank == 0
+    lock = IndexLock(Path(out), exclusive, rank, lock_timeout, log) if owner else nullcontext()
+    with lock:
+        store = IndexStore(out, create=True)
+        try:
+            report = _run(store, root_path, out, model, model_path, config, rank, world_size, dist, owner, exclusive,
+                          progress, log)
+        finally:
+            store.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _run(store: IndexStore, root_path: Path, out, model, model_path, config: IndexConfig, rank: int, world_size: int,
+         dist, owner: bool, exclusive: bool, progress: bool, log: Callable[[str], None]) -> IndexReport:
+    """build_index's work, under the folder's lock: heal, plan, embed chunk by chunk, merge."""
+    from tqdm import tqdm
+
     mid = compute_model_id(model_path)
     info = _record_info(store, root_path, out, model, model_path, mid, config, rank)
-    store.collect_garbage(prefix=f"r{rank:03d}-")  # shards of this rank that a killed run left uncommitted
+    healed = _heal_shards(store, rank, world_size, exclusive, log) if owner else []
+    if dist is not None:
+        dist.barrier()  # the other ranks plan once rank 0 holds the lock and has healed the folder
 
     todo, report = _plan(store, root_path, mid, rank, world_size)
+    report.healed = healed
     bar = tqdm(total=len(todo), unit="file", desc=f"indexing (rank {rank})" if world_size > 1 else "indexing",
                disable=not progress, position=rank if world_size > 1 else None)
     for start in range(0, len(todo), config.chunk_files):
@@ -105,13 +144,24 @@ def build_index(root: str | os.PathLike, out: str | os.PathLike, model, model_pa
     if dist is not None:
         dist.barrier()
     if rank == 0:
-        report.faiss = _merge(store, info, mid, config, report, complete=world_size == 1 or dist is not None,
-                              force=world_size > 1)
+        report.faiss = _merge(store, info, mid, config, report, complete=exclusive, force=world_size > 1, log=log)
     if dist is not None:
         dist.barrier()
-    store.close()
-    report.seconds = time.perf_counter() - t0
     return report
+
+
+def _heal_shards(store: IndexStore, rank: int, world_size: int, exclusive: bool,
+                 log: Callable[[str], None]) -> list[tuple[str, str, int]]:
+    """Start of a run: check the database, delete the shards no row names (left by a killed run), and
+    check every shard the rows name against its record; the files of a bad one are re-queued."""
+    store.check_integrity()
+    store.collect_garbage(prefix="" if exclusive else f"r{rank:03d}-")
+    in_share = None if exclusive else (lambda p: rank_of(p, world_size) == rank)
+    healed = []
+    for shard, why, files in store.verify_shards(in_share):
+        log(f"shard {store.shard_dir / shard}: {why}; re-embedding the {len(files)} file(s) it held")
+        healed.append((shard, why, len(files)))
+    return healed
 
 
 def _record_info(store: IndexStore, root_path: Path, out, model, model_path, mid: str, config: IndexConfig,
@@ -188,7 +238,12 @@ def _embed_chunk(store: IndexStore, model, chunk, mid: str, batch_size: int | No
     vectors, items = [np.zeros((0, model.config.encoder.embed_dim), np.float32)], []
     for modality, group in entries.items():
         names, emb = embed_entries(model, modality, group, on_error, batch_size)
-        vectors.append(emb.numpy())
+        emb = emb.float().numpy()  # (n, D)
+        finite = np.isfinite(emb).all(axis=1)  # a NaN/inf vector is never indexed: report, skip the item
+        for name in (n for n, ok in zip(names, finite) if not ok):
+            on_error(name, "its embedding is not finite (NaN or inf): the input's values overflow the model")
+        names, emb = [n for n, ok in zip(names, finite) if ok], emb[finite]
+        vectors.append(emb)
         items += [(file_of[n], n, modality, texts.get(n)) for n in names]
     # a file fails when it gave no item and had an error (a text file with some bad lines is kept)
     with_items = {it[0] for it in items}
@@ -202,18 +257,23 @@ def _embed_chunk(store: IndexStore, model, chunk, mid: str, batch_size: int | No
 
 
 def _merge(store: IndexStore, info: dict, mid: str, config: IndexConfig, report: IndexReport, complete: bool,
-           force: bool) -> dict:
-    """Rank 0: (re)build the FAISS indexes when anything changed, else keep the recorded ones.
-    `complete`: every rank is done, so uncommitted shards of any rank are garbage."""
+           force: bool, log: Callable[[str], None]) -> dict:
+    """Rank 0: (re)build the FAISS indexes when anything changed or a FAISS file is missing, corrupt
+    or stale, else keep the recorded ones. `complete`: every rank is done, so uncommitted shards of
+    any rank are garbage."""
+    from .store import FaissChoice
+
     if complete:
         store.collect_garbage()
     # up to date when built from this model with these FAISS settings (a new --ivf-threshold rebuilds)
     wanted = {"model_id": mid, "ivf_threshold": config.ivf_threshold, "nlist": config.nlist, "nprobe": config.nprobe}
     merged = info.get("merged") == wanted and store.faiss_dir.exists()
-    if report.embedded_items or report.changed or report.removed or not merged or force:
+    report.faiss_rebuilt = store.check_faiss(mid) if merged else {}
+    for modality, why in report.faiss_rebuilt.items():
+        log(f"FAISS {modality}: {why}; rebuilding it")
+    if report.embedded_items or report.changed or report.removed or report.healed or report.faiss_rebuilt \
+            or not merged or force:
         return store.build_faiss(mid, config.ivf_threshold, config.nlist, config.nprobe)
-    from .store import FaissChoice
-
     return {m: FaissChoice(**c) for m, c in info.get("faiss", {}).items()}
 
 

@@ -3,6 +3,7 @@ in the FAISS index of each target modality."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,10 +58,16 @@ def embed_query(model, parts: Sequence[QueryPart]) -> np.ndarray:
 
     if not parts:
         raise ValueError("empty query: give at least one text, image or audio")
-    total = None
+    # weights scaled by the largest |w| first: the direction is the same and the sum cannot overflow
+    # (weights of 1e308 would make the float sum inf and the query NaN)
     for i, part in enumerate(parts):
         if not np.isfinite(part.weight):
             raise ValueError(f"query part {part.name or i}: weight must be a finite number, got {part.weight}")
+    scale = max(abs(float(p.weight)) for p in parts)
+    if scale == 0:
+        raise ValueError("every query weight is 0; give at least one non-zero weight")
+    total = None
+    for i, part in enumerate(parts):
         if not can_embed(model, part.modality):
             raise ValueError(f"query part {part.name or i}: the model has no {part.modality!r} branch "
                              f"(it has {', '.join(model.modalities)})")
@@ -70,9 +77,12 @@ def embed_query(model, parts: Sequence[QueryPart]) -> np.ndarray:
             raise
         except (OSError, ValueError) as exc:
             raise ValueError(f"query part {part.name or i}: {exc}") from exc
-        total = part.weight * e if total is None else total + part.weight * e
+        if not np.isfinite(e).all():
+            raise ValueError(f"query part {part.name or i}: its embedding is not finite (NaN or inf)")
+        w = float(part.weight) / scale
+        total = w * e if total is None else total + w * e
     norm = float(np.linalg.norm(total))
-    if norm < 1e-6:
+    if not norm >= 1e-6:
         raise ValueError("the query's weighted parts cancel out (zero vector); change the weights")
     return (total / norm).astype(np.float32)
 
@@ -80,19 +90,44 @@ def embed_query(model, parts: Sequence[QueryPart]) -> np.ndarray:
 class SearchIndex:
     """A built index opened for search (thread-safe: FAISS searches are read-only)."""
 
-    def __init__(self, path: str | os.PathLike):
-        faiss = require_faiss()
+    def __init__(self, path: str | os.PathLike, log=None):
+        require_faiss()  # before anything else: the error names the extra
         self.path = Path(path)
         self.store = IndexStore(path)
         self.info = self.store.info()
-        self.indexes = {}
-        for f in sorted(self.store.faiss_dir.glob("*.faiss")) if self.store.faiss_dir.is_dir() else []:
-            self.indexes[f.stem] = faiss.read_index(str(f))  # one per modality: faiss/{modality}.faiss
-        if not self.indexes:
-            raise ValueError(f"{path} has no FAISS index yet: finish `onepeace index` first (nothing indexed, "
-                             "or the run was interrupted before the merge)")
+        self.log = log or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+        self.indexes = self._open_indexes()
         self._paths: set[str] | None = None
         self._paths_lock = threading.Lock()
+
+    def _open_indexes(self) -> dict[str, Any]:
+        """modality -> FAISS index, one per modality with items: faiss/{modality}.faiss when it is
+        sound (its recorded size, sha256 and count), else an exact index built in memory from the
+        shards, with a warning (a search never answers [] where the index holds vectors)."""
+        faiss = require_faiss()
+        mid = self.info.get("model_id", "")
+        counts = self.store.item_counts(mid)
+        if not counts:
+            raise ValueError(f"{self.path} holds no embedded items yet: run `onepeace index` into it first "
+                             "(nothing indexed, or every file failed)")
+        problems = self.store.check_faiss(mid)
+        indexes = {}
+        for modality in counts:
+            if modality not in problems:
+                try:
+                    indexes[modality] = faiss.read_index(str(self.store.faiss_dir / f"{modality}.faiss"))
+                    continue
+                except RuntimeError as e:  # FAISS's reader raises RuntimeError on a bad file
+                    problems[modality] = f"{self.store.faiss_dir / f'{modality}.faiss'} cannot be read ({e})"
+        if problems:
+            for modality, why in problems.items():
+                self.log(f"{why}; searching the {modality} vectors of the shards exactly instead "
+                         "(rerun `onepeace index` on this folder to rebuild the FAISS file)")
+            from .store import FaissChoice, make_faiss
+
+            for modality, (ids, x) in self.store.gather_vectors(mid, list(problems)).items():
+                indexes[modality] = make_faiss(faiss, FaissChoice("flat-ip", len(ids)), ids, x)
+        return indexes
 
     @property
     def dim(self) -> int:
@@ -120,6 +155,8 @@ class SearchIndex:
             raise ValueError(f"unknown target modality {modality!r}; this index has {', '.join(known)}")
         targets = [modality] if modality else list(self.indexes)
         q = np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32)
+        if not np.isfinite(q).all():
+            raise ValueError("the query vector is not finite (NaN or inf)")
         if q.shape[1] != self.dim:
             raise ValueError(f"query dimension {q.shape[1]} != index dimension {self.dim} (another model?)")
         hits: list[tuple[float, int]] = []
