@@ -89,8 +89,9 @@ class IndexLock:
     def _take(self, path: Path, deadline: float | None):
         filelock = _filelock()
         # one instance per run (FileLock's default, is_singleton=False): two runs in one process
-        # (threads, tests) exclude each other as two processes do
-        lock = filelock.FileLock(str(path))
+        # (threads, tests) exclude each other as two processes do; not thread-local, so whoever holds
+        # this IndexLock can release it from any thread
+        lock = filelock.FileLock(str(path), thread_local=False)
         try:
             lock.acquire(timeout=0)
         except filelock.Timeout:
