@@ -19,27 +19,16 @@ import pytest
 import soundfile as sf
 
 import onepeace
-from conftest import ASSETS, BPE_DIR, require, require_module
+from conftest import ASSETS, BPE_DIR, require
 from onepeace.index import IndexConfig, IndexStore, QueryPart, SearchIndex, build_index, embed_query
 from onepeace.index import store as store_module
 from onepeace.index.lock import IndexLock, IndexLockedError
 from onepeace.index.store import IndexCorruptError
+from test_index import _faiss, model  # noqa: F401  (the same fixtures: faiss required, the tiny model)
 
 TEXTS = ["a photo of a dog", "an elephant in the grass", "a cow says moo"]
 N_FILES, N_ITEMS = 5, 7  # 2 photos, 2 sounds, captions.txt (3 lines)
 QUERIES = [("image", "dog.JPEG"), ("audio", "cow.flac"), ("text", TEXTS[1])]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _faiss():
-    require_module("faiss", "serve")
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    m = onepeace.load(tiny_model_dir)
-    m.tokenizer = onepeace.get_tokenizer(BPE_DIR)
-    return m
 
 
 def make_data(root: Path) -> Path:
