@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -12,8 +13,8 @@ import torch
 import onepeace
 from conftest import ASSETS, BPE_DIR, require
 
-KEYS = ["image_zero_shot_top1", "audio_zero_shot_top1_heldout_voices", "audio_to_image_r1", "image_to_text_r1",
-        "audio_to_text_r1", "minutes"]
+KEYS = ["image_zero_shot_top1", "audio_zero_shot_top1_heldout_voices", "audio_zero_shot_top1_heldout_engine",
+        "audio_to_image_r1", "image_to_text_r1", "audio_to_text_r1", "minutes"]
 
 pytestmark = pytest.mark.slow  # every test here runs (or reuses) the quick demo: minutes
 
@@ -23,7 +24,8 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     env_cache = tmp_path_factory.mktemp("cache")
     result = subprocess.run(
-        [sys.executable, "-m", "onepeace", "demo", "--quick", "--out", str(out / "run"), "--bpe-dir", str(require(BPE_DIR))],
+        [sys.executable, "-m", "onepeace", "demo", "--quick", "--ablation", "--out", str(out / "run"), "--bpe-dir",
+         str(require(BPE_DIR))],
         capture_output=True, text=True, timeout=900,
         env={**__import__("os").environ, "ONEPEACE_CACHE": str(env_cache)})
     print(result.stdout[-3000:])
@@ -47,6 +49,14 @@ def test_learning_happened(demo):
     assert metrics["image_zero_shot_top1"] >= 0.20, metrics["image_zero_shot_top1"]
     assert metrics["image_to_text_r1"] >= 0.20
     assert "image_zero_shot_top1" in stdout
+
+
+def test_eta_and_expectation_are_printed(demo):
+    """Before training the user learns what to expect; after the first steps of each stage, an ETA."""
+    _, stdout, _ = demo
+    assert "the quick run takes about" in stdout
+    assert re.search(r"stage1: [0-9.]+ s/step; about [0-9]+ min left", stdout), stdout[-2000:]
+    assert re.search(r"stage2: [0-9.]+ s/step; about [0-9]+ min left", stdout)
 
 
 def test_report_and_figures_exist(demo):

@@ -18,7 +18,7 @@ from onepeace.data.image import load_image
 from onepeace.demo import data as demo
 from onepeace.demo.data import build_demo_data, check_requirements
 
-MANIFESTS = ("train_vl.jsonl", "test_vl.jsonl", "train_al.jsonl", "test_al.jsonl")
+MANIFESTS = ("train_vl.jsonl", "test_vl.jsonl", "train_al.jsonl", "test_al.jsonl", "test_al_engine.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +125,20 @@ def test_voices_split(built):
     assert len(set(Counter(e["label"] for e in train_al).values())) == 1  # balanced
 
 
+def test_heldout_engine_split(built):
+    """The held-out-engine test clips come from an engine (festival) no training clip comes from."""
+    voices = json.loads((built / "voices.json").read_text())
+    engine_test = read_manifest(built / "test_al_engine.jsonl")
+    train_engines = {voices["details"][v]["engine"] for v in voices["train"]}
+    assert {e["engine"] for e in engine_test} == {"festival"}
+    assert "festival" not in train_engines
+    assert {e["voice"] for e in engine_test} == set(voices["heldout_engine"]) and voices["heldout_engine"]
+    assert {e["label"] for e in engine_test} == set(demo.CONCEPTS)
+    for entry in engine_test[:10]:
+        wave = load_audio(entry["audio"], 16_000)
+        assert 0.3 < len(wave) / 16_000 < 6.0 and float(np.sqrt(np.mean(wave ** 2))) > 1e-3, entry["audio"]
+
+
 def test_fixed_voice_list():
     train = {v.id for v in demo.TRAIN_VOICES}
     heldout = {v.id for v in demo.HELDOUT_VOICES}
@@ -134,6 +148,8 @@ def test_fixed_voice_list():
     assert 0.15 <= espeak_held / espeak_total <= 0.25
     assert {v.name for v in demo.HELDOUT_VOICES if v.engine == "flite"} == {"slt"}
     assert {v.name for v in demo.TRAIN_VOICES if v.engine == "flite"} >= {"kal16", "awb", "rms"}
+    assert {v.engine for v in demo.TRAIN_VOICES + demo.HELDOUT_VOICES} == {"espeak", "flite"}
+    assert {v.engine for v in demo.HELDOUT_ENGINE_VOICES} == {"festival"}
     banned = ("demonic", "shelby", "ricishaymax")
     assert not any(b in v.name.lower() for v in demo.TRAIN_VOICES + demo.HELDOUT_VOICES
                    for b in banned)
@@ -188,7 +204,7 @@ def test_check_requirements(monkeypatch, tmp_path):
                         lambda name, *a, **k: None if name == "espeak-ng" else real_which(name))
     problems = check_requirements()
     assert len(problems) == 1
-    assert "espeak-ng" in problems[0] and "apt-get install -y espeak-ng flite" in problems[0]
+    assert "espeak-ng" in problems[0] and "apt-get install -y espeak-ng flite festival" in problems[0]
     with pytest.raises(RuntimeError, match="apt-get install -y espeak-ng flite"):
         build_demo_data(tmp_path / "x", quick=True, progress=False)
     assert not (tmp_path / "x").exists()

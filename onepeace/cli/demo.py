@@ -13,8 +13,12 @@ def register(sub, flags: Flags) -> None:
                        help="pretrain a small model on offline data, evaluate, write runs/demo/report.md")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a tiny version in about two minutes (CI)")
-    p.add_argument("--no-ablation", action="store_true", help="skip the contrast-only ablation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ablation", action="store_true",
+                   help="also train the contrast-only arm (no denoising contrast) once, with the same seed")
+    p.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="the seeded ablation instead: both arms for each training seed (e.g. 0,1,2), mean and "
+                        "spread per arm in OUT/ablation.md (default OUT: runs/demo-ablation)")
+    p.add_argument("--seed", type=int, default=0, help="the training seed (the data split is fixed)")
     p.set_defaults(func=cmd_demo)
     for name, func, what in (
             ("demo-finetune", cmd_demo_finetune, "zero-shot vs linear probe vs fine-tuned accuracy on the demo data"),
@@ -27,22 +31,51 @@ def register(sub, flags: Flags) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo.run import run_demo
+    from ..demo.run import expected_minutes, run_demo
 
+    if args.seeds is not None:
+        return _seeded_ablation(args)
+    print(expected_minutes(args.quick, args.ablation), flush=True)
     try:
-        metrics = run_demo(args.out, quick=args.quick, seed=args.seed, ablation=False if args.no_ablation else None,
-                           bpe_dir=args.bpe_dir)
+        metrics = run_demo(args.out, quick=args.quick, seed=args.seed, ablation=args.ablation, bpe_dir=args.bpe_dir)
     except RuntimeError as e:
         print(f"onepeace demo: {e}", file=sys.stderr)
         return 2
-    keys = ["image_zero_shot_top1", "audio_zero_shot_top1_heldout_voices", "audio_to_image_r1", "image_to_text_r1",
-            "audio_to_text_r1"]
+    keys = ["image_zero_shot_top1", "audio_zero_shot_top1_heldout_voices", "audio_zero_shot_top1_heldout_engine",
+            "audio_to_image_r1", "image_to_text_r1", "audio_to_text_r1"]
     abl = metrics.get("ablation_no_dcl", {})
     print(f"{'metric':<40} {'ITC+DCL':>8} {'no DCL':>8}")
     for k in keys:
         print(f"{k:<40} {metrics[k]:>8.3f} {abl.get(k, float('nan')):>8.3f}")
     print(f"{'minutes':<40} {metrics['minutes']:>8.1f}")
     print(f"report: {Path(args.out) / 'report.md'}; model: {Path(args.out) / 'model'}")
+    return 0
+
+
+def _seeded_ablation(args: argparse.Namespace) -> int:
+    from ..demo.ablation import ARMS, METRICS, run_ablation
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        print(f"onepeace demo: --seeds takes comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    if not seeds:
+        print("onepeace demo: --seeds needs at least one seed", file=sys.stderr)
+        return 2
+    out = args.out if args.out != "runs/demo" else "runs/demo-ablation"
+    try:
+        result = run_ablation(out, seeds=seeds, quick=args.quick, bpe_dir=args.bpe_dir)
+    except RuntimeError as e:
+        print(f"onepeace demo: {e}", file=sys.stderr)
+        return 2
+    print(f"{'metric':<52} {ARMS['dcl']:>24} {ARMS['no_dcl']:>24}  verdict")
+    for key, label in METRICS.items():
+        row = result["metrics"].get(key)
+        if row:
+            cells = [f"{row[a]['mean']:.3f} +- {row[a]['sd']:.3f}" for a in ARMS]
+            print(f"{label:<52} {cells[0]:>24} {cells[1]:>24}  {row['comparison']['verdict']}")
+    print(f"{result['minutes']:.1f} minutes; report: {Path(out) / 'ablation.md'}")
     return 0
 
 

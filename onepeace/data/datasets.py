@@ -30,11 +30,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..config import RELEASED_AUDIO_FEATURE_SPEC
-from .audio import AudioTransform, InputError, collate_waveforms, feature_lengths
+from .audio import AudioTransform, InputError, collate_waveforms, feature_lengths, normalize_waveform
 from .image import ImageTransform
 from .masking import (
     MaskingConfig,
@@ -171,6 +172,7 @@ class ManifestDataset(Dataset):
         seed: int = 0,
         max_text_length: int = 70,
         patch_size: int = _PATCH_SIZE,
+        audio_augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
     ) -> None:
         if isinstance(manifest, (str, os.PathLike)):
             self.manifest_path: str | None = os.fspath(manifest)
@@ -191,6 +193,9 @@ class ManifestDataset(Dataset):
         self.seed = int(seed)
         self.max_text_length = int(max_text_length)
         self.patch_size = int(patch_size)
+        # (N,) waveform, generator -> (M,) waveform (e.g. data.augment.WaveformAugment); the draws are
+        # a function of (seed, epoch, index), like the masks, so a resumed run hears the same audio
+        self.audio_augment = audio_augment
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -232,6 +237,8 @@ class ManifestDataset(Dataset):
                 item.update(self._vl_masks(index, tokens, n_patches))
         else:
             audio = torch.as_tensor(self.audio_transform(path))  # (N,)
+            if self.audio_augment is not None:
+                audio = self._augment_audio(index, audio)
             if audio.dim() != 1 or audio.numel() == 0:
                 raise ValueError(f"audio transform gave shape {tuple(audio.shape)}, "
                                  "expected a non-empty (N,)")
@@ -243,6 +250,17 @@ class ManifestDataset(Dataset):
             if self.masking is not None:
                 item.update(self._al_masks(index, tokens, frames))
         return item
+
+    def _augment_audio(self, index: int, audio: torch.Tensor) -> torch.Tensor:
+        """Augment a prepared (normalised) clip: scaled to RMS 0.1 first, so the augmentation's
+        clipping at +-1 acts as on a recording, then normalised and cropped again."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, int(index), 7]))
+        wave = self.audio_augment(audio.to(torch.float32).numpy() * np.float32(0.1), rng)
+        out = normalize_waveform(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)))
+        max_seconds = getattr(self.audio_transform, "max_seconds", None)
+        if max_seconds is not None:  # a slower clip may have grown past the crop
+            out = out[: round(max_seconds * getattr(self.audio_transform, "sample_rate", 16_000))]
+        return out.contiguous()
 
     def _text_masks(self, tokens: torch.Tensor, ratio: float, gen: torch.Generator) -> torch.Tensor:
         return whole_word_mask(self.tokenizer.word_start_mask(tokens), ratio, gen)  # (T+1,)

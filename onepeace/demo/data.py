@@ -18,8 +18,9 @@ then image <-> audio retrieval through text, never an audio-image pair):
   random (seeded); test image lines use template 0.
 * **audio**: the captions spoken by ``espeak-ng`` and ``flite`` in many *voices* (engine, accent or
   speaker, variant, speed, pitch; :mod:`onepeace.demo.speech`), converted to mono, resampled to 16 kHz, trimmed and peak
-  normalised, saved as 16-bit WAV. The split is **by voice**: held-out voices are never heard in
-  training; see :data:`HELDOUT_VOICES`.
+  normalised, saved as 16-bit WAV. Two test splits: **held-out voices** (:data:`HELDOUT_VOICES`:
+  espeak-ng / flite voices never heard in training) and a **held-out engine**
+  (:data:`HELDOUT_ENGINE_VOICES`: festival, a synthesiser never heard in training).
 
 Class balance: every concept has exactly ``images_per_class_train`` training *lines*. The 8x8
 digits have only 174-183 images per class, so after ``images_per_class_test`` (40) are set aside a
@@ -36,6 +37,7 @@ Layout of the data folder::
     test_vl.jsonl    one line per test image, text = template 0
     train_al.jsonl   {"audio", "text", "label", "group", "template", "voice", "engine"}
     test_al.jsonl    the same, held-out voices only
+    test_al_engine.jsonl  the same, the held-out engine (festival) only
     concepts.json    {"concepts", "groups", "templates"}
     voices.json      {"train", "heldout", "details"}
     manifest_info.json  build parameters + version + counts; written LAST, marks a complete build
@@ -62,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from .speech import HELDOUT_VOICES, SAMPLE_RATE, TRAIN_VOICES, Voice, pick_voices, speak_all
+from .speech import HELDOUT_ENGINE_VOICES, HELDOUT_VOICES, SAMPLE_RATE, TRAIN_VOICES, Voice, pick_voices, speak_all
 
 __all__ = [
     "ANIMALS",
@@ -73,6 +75,7 @@ __all__ = [
     "DIGIT_TEMPLATES",
     "FULL_SIZES",
     "GROUPS",
+    "HELDOUT_ENGINE_VOICES",
     "HELDOUT_VOICES",
     "QUICK_SIZES",
     "SAMPLE_RATE",
@@ -86,7 +89,7 @@ __all__ = [
 ]
 
 #: Bump whenever the output for the same parameters changes: an old cache is then rebuilt.
-DATA_VERSION = 1
+DATA_VERSION = 2  # 2: more espeak-ng variants, a held-out engine (festival)
 
 #: Sample rate of every written clip (the rate ONE-PEACE's audio adapter expects).
 
@@ -140,6 +143,7 @@ FULL_SIZES: dict[str, int | None] = {
     "audio_templates_test": 2,
     "train_voices": None,
     "heldout_voices": None,
+    "heldout_engine_voices": None,
 }
 #: Defaults of the tiny CI build (``quick=True``): ~100 clips, ~760 images, a few seconds.
 QUICK_SIZES: dict[str, int | None] = {
@@ -149,11 +153,14 @@ QUICK_SIZES: dict[str, int | None] = {
     "audio_templates_test": 1,
     "train_voices": 3,
     "heldout_voices": 2,
+    "heldout_engine_voices": 2,
 }
 
-_MANIFESTS = ("train_vl.jsonl", "test_vl.jsonl", "train_al.jsonl", "test_al.jsonl")
+_MANIFESTS = ("train_vl.jsonl", "test_vl.jsonl", "train_al.jsonl", "test_al.jsonl", "test_al_engine.jsonl")
 _INFO = "manifest_info.json"
-_APT_FIX = "apt-get install -y espeak-ng flite"
+_APT_FIX = "apt-get install -y espeak-ng flite festival festvox-kdlpc16k festvox-us-slt-hts"
+# the held-out engine's voices (see speech.FESTIVAL_VOICES), as installed by Debian's festvox packages
+_FESTIVAL_VOICE_DIRS = ("english/ked_diphone", "us/cmu_us_slt_arctic_hts")
 _ANIMAL_FILES = ("animal_data_version_3.gz", "animal_label_version_3.gz")
 
 
@@ -232,10 +239,14 @@ def check_requirements() -> list[str]:
     """What is missing to build the demo data: one human-readable line per problem, each ending
     with the exact command that fixes it. Empty when everything is there."""
     problems: list[str] = []
-    missing = [tool for tool in ("espeak-ng", "flite") if shutil.which(tool) is None]
+    missing = [tool for tool in ("espeak-ng", "flite", "text2wave") if shutil.which(tool) is None]
     if missing:
         problems.append(f"{' and '.join(missing)} not found on PATH (the speech synthesisers that "
-                        f"speak the captions); fix: {_APT_FIX}")
+                        f"speak the captions; text2wave is festival's); fix: {_APT_FIX}")
+    voices = [v for v in _FESTIVAL_VOICE_DIRS if not (Path("/usr/share/festival/voices") / v).is_dir()]
+    if "text2wave" not in missing and voices:
+        problems.append(f"festival voice(s) {', '.join(voices)} not installed (the held-out engine); "
+                        f"fix: {_APT_FIX}")
     if _animal_mnist_dir() is None:
         # --no-deps: its metadata requires tensorflow and pandas, which only its own loader uses
         problems.append("animal-mnist is not installed (the animal silhouettes); fix: "
@@ -360,14 +371,15 @@ class _Clip:
                 "voice": self.voice.id, "engine": self.voice.engine}
 
 
-def _plan_audio(train_voices: Sequence[Voice], heldout_voices: Sequence[Voice],
-                sizes: dict[str, Any], seed: int) -> tuple[list[_Clip], list[_Clip]]:
-    """Which (voice, concept, template) to speak for training and for testing."""
+def _plan_audio(train_voices: Sequence[Voice], heldout_voices: Sequence[Voice], engine_voices: Sequence[Voice],
+                sizes: dict[str, Any], seed: int) -> tuple[list[_Clip], list[_Clip], list[_Clip]]:
+    """Which (voice, concept, template) to speak for training, held-out voices, held-out engine."""
     per_concept = sizes["audio_clips_train"] // len(CONCEPTS)  # balanced classes
     n_voices = len(train_voices)
     base, extra = divmod(per_concept, n_voices)
     train: list[_Clip] = []
     test: list[_Clip] = []
+    engine_test: list[_Clip] = []
     for ci, concept in enumerate(CONCEPTS):
         texts = captions(concept)
         rng = _rng(seed, 3, ci)
@@ -383,7 +395,12 @@ def _plan_audio(train_voices: Sequence[Voice], heldout_voices: Sequence[Voice],
             for t in sorted(rng.choice(len(texts), size=k, replace=False).tolist()):
                 test.append(_Clip(voice, concept, t, texts[t],
                                   f"audio/test/{voice.slug}/{concept}-{t:02d}.wav"))
-    return train, test
+        engine_rng = _rng(seed, 6, ci)  # its own stream: the other splits stay as they were
+        for voice in engine_voices:
+            for t in sorted(engine_rng.choice(len(texts), size=k, replace=False).tolist()):
+                engine_test.append(_Clip(voice, concept, t, texts[t],
+                                         f"audio/test-engine/{voice.slug}/{concept}-{t:02d}.wav"))
+    return train, test, engine_test
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,7 +420,7 @@ def _resolve_sizes(quick: bool, sizes: dict[str, Any]) -> dict[str, Any]:
         raise TypeError(f"unknown size(s) {', '.join(unknown)}; expected {', '.join(resolved)}")
     resolved.update(sizes)
     for key, value in resolved.items():
-        optional = key in ("train_voices", "heldout_voices")
+        optional = key in ("train_voices", "heldout_voices", "heldout_engine_voices")
         if value is None and optional:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -536,30 +553,35 @@ def _build_into(folder: Path, params: dict[str, Any], workers: int, progress: bo
     voice_rng = _rng(seed, 4)
     train_voices = pick_voices(TRAIN_VOICES, sizes["train_voices"], voice_rng)
     heldout_voices = pick_voices(HELDOUT_VOICES, sizes["heldout_voices"], voice_rng)
-    train_clips, test_clips = _plan_audio(train_voices, heldout_voices, sizes, seed)
-    seconds = speak_all([*train_clips, *test_clips], folder, workers, progress)
+    engine_voices = pick_voices(HELDOUT_ENGINE_VOICES, sizes["heldout_engine_voices"], voice_rng)
+    train_clips, test_clips, engine_clips = _plan_audio(train_voices, heldout_voices, engine_voices, sizes, seed)
+    seconds = speak_all([*train_clips, *test_clips, *engine_clips], folder, workers, progress)
     train_al = [clip.line() for clip in train_clips]
     order = _rng(seed, 5).permutation(len(train_al))  # mixed classes and voices
 
     manifests = {"train_vl": train_vl, "test_vl": test_vl, "train_al": [train_al[i] for i in order],
-                 "test_al": [c.line() for c in test_clips]}
+                 "test_al": [c.line() for c in test_clips],
+                 "test_al_engine": [c.line() for c in engine_clips]}
     counts = {name: _write_jsonl(folder / f"{name}.jsonl", lines) for name, lines in manifests.items()}
-    _write_descriptions(folder, train_voices, heldout_voices)
+    _write_descriptions(folder, train_voices, heldout_voices, engine_voices)
     _write_json(folder / _INFO, {  # last: its presence marks a complete build
         "version": DATA_VERSION,
         "params": params,
         "counts": counts,
         "distinct_train_images": unique_train,
-        "voices": {"train": len(train_voices), "heldout": len(heldout_voices)},
+        "voices": {"train": len(train_voices), "heldout": len(heldout_voices),
+                   "heldout_engine": len(engine_voices)},
         "audio_seconds": round(seconds, 1),
         "image_style": "grayscale PNG, light figure on dark background, native resolution",
         "tools": {"espeak-ng": _tool_version(["espeak-ng", "--version"]),
-                  "flite": _tool_version(["flite", "--version"])},
+                  "flite": _tool_version(["flite", "--version"]),
+                  "festival": _tool_version(["festival", "--version"])},
         "build_seconds": round(time.perf_counter() - start, 1),
     })
 
 
-def _write_descriptions(folder: Path, train_voices: Sequence[Voice], heldout_voices: Sequence[Voice]) -> None:
+def _write_descriptions(folder: Path, train_voices: Sequence[Voice], heldout_voices: Sequence[Voice],
+                        engine_voices: Sequence[Voice]) -> None:
     """concepts.json (concepts, groups, caption templates) and voices.json (which voice is held out)."""
     _write_json(folder / "concepts.json", {
         "concepts": list(CONCEPTS),
@@ -569,8 +591,9 @@ def _write_descriptions(folder: Path, train_voices: Sequence[Voice], heldout_voi
     _write_json(folder / "voices.json", {
         "train": [v.id for v in train_voices],
         "heldout": [v.id for v in heldout_voices],
+        "heldout_engine": [v.id for v in engine_voices],
         "details": {v.id: {"engine": v.engine, "name": v.name, "speed": v.speed,
-                           "pitch": v.pitch} for v in (*train_voices, *heldout_voices)},
+                           "pitch": v.pitch} for v in (*train_voices, *heldout_voices, *engine_voices)},
     })
 
 

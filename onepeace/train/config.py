@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..config import JsonConfig
+from ..data.augment import AudioAugmentConfig
 from ..data.masking import MaskingConfig
 from .objectives import LossConfig
 
@@ -51,6 +52,8 @@ class TrainConfig(JsonConfig):
     stage: StageConfig = field(default_factory=lambda: STAGES["stage1"])
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # waveform augmentation of audio-text items (None: none, the reference); see data.augment
+    audio_augment: AudioAugmentConfig | None = None
     batch_size: int = 32  # global, per optimizer step (split over ranks and accumulation steps)
     grad_accum: int = 1
     steps: int = 1000
@@ -98,6 +101,8 @@ class TrainConfig(JsonConfig):
             data["masking"] = _build(MaskingConfig, data["masking"])
         if "loss" in data:
             data["loss"] = _build(LossConfig, data["loss"])
+        if data.get("audio_augment") is not None:
+            data["audio_augment"] = _build(AudioAugmentConfig, data["audio_augment"])
         return _build(cls, data)
 
 

@@ -160,6 +160,12 @@ def build_dataset(cfg: TrainConfig, pm: OnePeacePretrainModel, manifest: str, ma
         kwargs["audio_transform"] = AudioTransform(sample_rate=ac.sample_rate, max_seconds=ac.max_seconds,
                                                    min_seconds=ac.min_seconds)
         kwargs["audio_feature_spec"] = ac.feature_encoder_spec
+        if cfg.audio_augment is not None:
+            import dataclasses
+
+            from ..data.augment import WaveformAugment
+
+            kwargs["audio_augment"] = WaveformAugment(dataclasses.replace(cfg.audio_augment, sample_rate=ac.sample_rate))
     max_length = mc.adapters["text"].max_length if "text" in mc.adapters else 70
     return ManifestDataset(manifest, tokenizer=get_tokenizer(cfg.bpe_dir, max_length=max_length),
                            masking=cfg.masking if masking else None, seed=cfg.seed, max_text_length=max_length,
@@ -299,8 +305,11 @@ class Trainer:
         totals["lr"] = lr
         return {k: self.ctx.mean(v) for k, v in totals.items()}
 
-    def fit(self, stop_at: int | None = None) -> dict[str, float]:
-        """Train to cfg.steps (or stop after step `stop_at`, as a preemption would)."""
+    def fit(self, stop_at: int | None = None, on_step=None) -> dict[str, float]:
+        """Train to cfg.steps (or stop after step `stop_at`, as a preemption would).
+
+        ``on_step(step, metrics)`` is called after every optimizer step (e.g. to print an ETA).
+        """
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -322,6 +331,8 @@ class Trainer:
                             temperature=float(self.pm.model.temperature.detach()), samples_per_s=cfg.batch_size / dt)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}")
+                if on_step is not None:
+                    on_step(self.step, last)
                 if self.ctx.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
