@@ -41,8 +41,9 @@ _STORAGE_DTYPES: dict[str, torch.dtype] = {
 MAX_PICKLE_BYTES: int | None = 64 * 1024 * 1024
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A checkpoint's pickle asked for something we refuse to do."""
+class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
+    """A checkpoint's pickle asked for something we refuse to do (a ValueError too, so that callers
+    catching bad input, like the CLI, report it as an error instead of a traceback)."""
 
 
 class CorruptCheckpointError(ValueError):
