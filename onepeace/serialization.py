@@ -245,7 +245,8 @@ class CheckpointArchive:
             raise CorruptCheckpointError(f"{self.path!r}: the pickle names storage {storage.key!r}, "
                                          "which the file does not hold") from None
         if info.compress_type != zipfile.ZIP_STORED:
-            raise CorruptCheckpointError(f"{self.path!r}: storage {storage.key} is compressed; torch.save never does that")
+            raise CorruptCheckpointError(
+                f"{self.path!r}: storage {storage.key} is compressed; torch.save never does that")
         # local file header: 30 bytes + file name + extra field, then the data
         header = self._mmap[info.header_offset: info.header_offset + 30]
         name_len = int.from_bytes(header[26:28], "little")

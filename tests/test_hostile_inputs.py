@@ -2,8 +2,8 @@
 and every damaged checkpoint is a clean error naming the file and the key.
 
 Bombs are scaled down (a few MB on disk at most, limits passed small where needed); where the issue
-asks for bounded memory the peak RSS is measured in a child python (ru_maxrss, growth over the
-child's own baseline after its imports), so the test process's own history does not count."""
+asks for bounded memory the peak RSS is measured in a child python (VmHWM, the peak that ru_maxrss
+reports, reset after the child's imports and warm-up), so no earlier history counts."""
 from __future__ import annotations
 
 import json
@@ -16,6 +16,7 @@ import textwrap
 import time
 import zipfile
 import zlib
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,8 @@ EMBED_KEY = "encoder_wrapper.text_adapter.embed_tokens.weight"
 def child(code: str, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `code` in a fresh python with this checkout first on the path."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-c", MEASURE + textwrap.dedent(code), *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=ROOT)
+    return subprocess.run([sys.executable, "-c", MEASURE + textwrap.dedent(code), *args], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, cwd=ROOT)
 
 
 def peak_growth_mb(out: str) -> float:
@@ -465,47 +466,27 @@ def test_missing_token_table_is_a_missing_key_error(tmp_path, released, capsys):
 def test_every_branch_embedding_missing_is_named(tmp_path, released, key):
     cfg, state = released
     path = save(tmp_path, "missing.pt", cfg, {k: v for k, v in state.items() if k != key})
-    with pytest.raises(CheckpointError) as info, pytest.warns(UserWarning) if "audio" in key else _no_op():
+    with pytest.raises(CheckpointError) as info, pytest.warns(UserWarning) if "audio" in key else nullcontext():
         onepeace.load(path)
     assert str(path) in str(info.value) and key in str(info.value)
 
 
-class _no_op:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def test_bad_pickle_crc_names_the_file(tmp_path, capsys):
-    path = rewrite_pickle(require(TINY_CKPT), tmp_path / "crc.pt", bad_crc=True)
-    with pytest.raises(CorruptCheckpointError, match="Bad CRC") as info:
-        onepeace.load(path)
-    assert str(path) in str(info.value)
-    assert str(path) in cli_error(capsys, "info", str(path))
+def _nest_in_cfg(data: bytes) -> bytes:
+    """Add the item "deep": a 200,000-deep list [[[...[None]...]]] to the pickled cfg dict."""
+    at = data.index(b"(", data.index(b"X\x03\x00\x00\x00cfg")) + 1  # inside the cfg dict's MARK
+    depth = 200_000
+    return data[:at] + b"X\x04\x00\x00\x00deep" + b"]" * depth + b"N" + b"a" * depth + data[at:]
 
 
-def test_deeply_nested_cfg_names_the_file(tmp_path, capsys):
-    """A cfg holding a 200,000-deep list (before: RecursionError)."""
-    marker = b"X\x03\x00\x00\x00cfg"
-
-    def nest(data: bytes) -> bytes:
-        at = data.index(marker)
-        at = data.index(b"(", at) + 1  # inside the cfg dict's MARK: add the item "deep": [[[...]]]
-        depth = 200_000
-        return data[:at] + b"X\x04\x00\x00\x00deep" + b"]" * depth + b"N" + b"a" * depth + data[at:]
-
-    path = rewrite_pickle(require(TINY_CKPT), tmp_path / "deep.pt", edit=nest)
-    with pytest.raises(CheckpointError, match="nested deeper than") as info:
-        onepeace.load(path)
-    assert str(path) in str(info.value)
-    assert str(path) in cli_error(capsys, "info", str(path))
-
-
-def test_garbage_pickle_names_the_file(tmp_path, capsys):
-    path = rewrite_pickle(require(TINY_CKPT), tmp_path / "garbage.pt", edit=lambda d: d[: len(d) // 2])
-    with pytest.raises(CorruptCheckpointError, match="cannot unpickle") as info:
+@pytest.mark.parametrize("damage, error, match", [
+    ("bad_crc", CorruptCheckpointError, "Bad CRC"),  # before: BadZipFile traceback
+    ("deep_cfg", CheckpointError, "nested deeper than"),  # before: RecursionError traceback
+    ("cut_pickle", CorruptCheckpointError, "cannot unpickle"),
+])
+def test_damaged_pickle_names_the_file(tmp_path, capsys, damage, error, match):
+    edit = {"deep_cfg": _nest_in_cfg, "cut_pickle": lambda d: d[: len(d) // 2]}.get(damage)
+    path = rewrite_pickle(require(TINY_CKPT), tmp_path / f"{damage}.pt", edit=edit, bad_crc=damage == "bad_crc")
+    with pytest.raises(error, match=match) as info:
         onepeace.load(path)
     assert str(path) in str(info.value)
     assert str(path) in cli_error(capsys, "info", str(path))

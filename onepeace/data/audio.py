@@ -257,6 +257,27 @@ def _read_file(path: str, name: str, max_seconds: float | None,
     return data, rate
 
 
+def _source_samples(source: AudioSource, name: str, target: int, max_seconds: float | None,
+                    max_samples: int | None) -> tuple[object, int, bool]:
+    """(samples: (N,) file mono / the given array, their rate, bare: an array without a rate)."""
+    if isinstance(source, (str, os.PathLike)):
+        data, rate = _read_file(os.fspath(source), name, max_seconds, max_samples)
+        return data, rate, False
+    if isinstance(source, tuple):
+        if len(source) != 2:
+            raise InputError(
+                f"cannot read audio {name}: expected (array, sample_rate), got a {len(source)}-tuple"
+            )
+        array, rate = source
+        return array, _check_rate(rate, name), False
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return source, target, True
+    raise TypeError(
+        "load_audio expects a path, an (array, sample_rate) tuple, or a 1-D array/tensor; "
+        f"got {type(source).__name__}"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # public API
 
@@ -302,25 +323,7 @@ def load_audio(
     target = int(sample_rate)
     max_seconds = _check_seconds(max_seconds, "max_seconds")
 
-    bare = False
-    if isinstance(source, (str, os.PathLike)):
-        data, rate = _read_file(os.fspath(source), name, max_seconds, max_samples)
-    elif isinstance(source, tuple):
-        if len(source) != 2:
-            raise InputError(
-                f"cannot read audio {name}: expected (array, sample_rate), got a {len(source)}-tuple"
-            )
-        array, rate = source
-        rate = _check_rate(rate, name)
-        data = array
-    elif isinstance(source, (np.ndarray, torch.Tensor)):
-        data, rate, bare = source, target, True
-    else:
-        raise TypeError(
-            "load_audio expects a path, an (array, sample_rate) tuple, or a 1-D array/tensor; "
-            f"got {type(source).__name__}"
-        )
-
+    data, rate, bare = _source_samples(source, name, target, max_seconds, max_samples)
     if isinstance(data, torch.Tensor):
         data = data.detach().cpu().numpy()
     data = np.asarray(data)
