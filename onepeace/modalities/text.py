@@ -36,12 +36,10 @@ class TextAdapterConfig(AdapterConfig):
     def from_released(cls, view, args: Mapping[str, Any]) -> "TextAdapterConfig":
         """Vocabulary and positions from the embedding tables; buckets from the bias table's 2B + 2 rows."""
         common = view.common(args)  # first: its notes come before ours
-        # an encoder's token table is required (without it the vocabulary would read as 0 and the
-        # branch fail only at use); the pretraining decoder's text adapter has none
-        emb = view.require("embed_tokens.weight", "the text branch's token embedding table") if view.is_encoder \
-            else view.shape("embed_tokens.weight")
-        table = view.shape("rel_pos_table_list.0.weight")
+        emb, table = view.shape("embed_tokens.weight"), view.shape("rel_pos_table_list.0.weight")
         bucket = (table[0] - 2) // 2 if table else args.get("bucket_size", 256)
+        if emb is None and view.is_encoder:  # a missing-key error, not a vocabulary of 0 that fails at use
+            view.require("embed_tokens.weight", "the text branch's token embedding table")  # (the decoder has none)
         return cls(
             **common, vocab_size=emb[0] if emb else 0,
             max_positions=view.require("embed_positions.weight", "the text position table")[0],
