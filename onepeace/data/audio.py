@@ -238,13 +238,14 @@ def _read_file(path: str, name: str, max_seconds: float | None,
     try:
         with sf.SoundFile(path) as f:  # opening reads the header only: the probe
             rate = _check_rate(f.samplerate, name)
-            frames = f.frames if f.frames > 0 else -1  # some formats do not say: read to the end
+            frames = -1  # everything (reading stops at the end of the file)
             if max_seconds is not None:
                 # Bounded decode: a 3-hour file must not be read whole to keep 15 s of it.
-                want = math.ceil(max_seconds * rate) + _resample_margin(rate)
-                frames = want if frames < 0 else min(frames, want)
-            _check_decode_size(name, max(frames, 0), f.channels, rate, limit)
-            if frames < 0 and limit is not None:  # unknown length: stop one block past the limit
+                frames = math.ceil(max_seconds * rate) + _resample_margin(rate)
+            # the header's frame count (0 where the format does not say; an estimate for some MP3s)
+            declared = f.frames if frames < 0 else min(max(f.frames, 0), frames)
+            _check_decode_size(name, declared, f.channels, rate, limit)
+            if frames < 0 and limit is not None:  # header wrong or silent: stop just past the limit
                 frames = limit // max(f.channels, 1) + 1
             data = _read_blocks(f, frames, name)
             if limit is not None and data.shape[0] * f.channels > limit:
