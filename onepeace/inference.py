@@ -43,6 +43,50 @@ def require_branch(model, modality: str) -> None:
         raise ValueError(f"this model has no {modality} branch (it has {list(model.modalities)})")
 
 
+# ---- no NaN leaves the library ----
+class NonFiniteError(ValueError):
+    """An embedding (or an input) holds NaN or infinity; the message names the items."""
+
+
+NONFINITE_HINT = ("its values overflowed inside the model (e.g. samples far outside [-1, 1]), "
+                  "or the model's weights are not finite")
+
+
+def nonfinite_rows(values: Any) -> list[int]:
+    """Indices i where values[i] holds a NaN or an infinity. `values`: a (N, ...) torch tensor or
+    numpy array (an embedding batch, a query vector batch); integer arrays are always finite."""
+    if isinstance(values, torch.Tensor):
+        if not values.is_floating_point() and not values.is_complex():
+            return []
+        bad = ~torch.isfinite(values.detach()).reshape(values.shape[0], -1).all(dim=1)  # (N,)
+        return bad.nonzero().flatten().tolist()
+    import numpy as np
+
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "fc" or arr.size == 0:
+        return []
+    return np.flatnonzero(~np.isfinite(arr).reshape(arr.shape[0], -1).all(axis=1)).tolist()
+
+
+def check_finite(values: Any, names: Sequence[str] | None = None, what: str = "embedding") -> Any:
+    """Return `values` (a (N, ...) tensor or array) unchanged if every row is finite; else raise
+    NonFiniteError naming the bad rows (`names[i]`, else "item i"). For the index and the server:
+    call it on embeddings before storing or returning them, and on query vectors/weights."""
+    bad = nonfinite_rows(values)
+    if bad:
+        labels = [str(names[i]) if names is not None and i < len(names) else f"item {i}" for i in bad]
+        shown = ", ".join(labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+        raise NonFiniteError(f"the {what} of {shown} is not finite (NaN or infinity)"
+                             + (": " + NONFINITE_HINT if what == "embedding" else ""))
+    return values
+
+
+def _item_name(source: Any, i: int) -> str:
+    import os
+
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"input {i}"
+
+
 def collect_embeddings(model, n: int, batches: Iterator[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
     """(index list, (b, D) embeddings) batches -> (n, D) float32, row i for input i."""
     out = torch.empty(n, model.config.encoder.embed_dim, dtype=torch.float32, device=model.device)
@@ -87,16 +131,39 @@ def embed_entries(model, modality: str, entries: Sequence[tuple[str, Any]], on_e
             except (ValueError, OSError) as e:  # InputError is a ValueError and names the input
                 on_error(name, str(e))
         if prepared:
-            try:
-                emb = embed_prepared(model, modality, prepared, batch_size=batch)
-            except ValueError as e:  # e.g. token ids outside a toy model's vocabulary
-                for name in ok_names:
-                    on_error(name, str(e))
-            else:
-                chunks.append(emb.float().cpu())
-                names += ok_names
+            emb, ok_names = _embed_batch(model, modality, prepared, ok_names, batch, on_error)
+            chunks.append(emb)
+            names += ok_names
         progress(len(entries[start:start + batch]))
     return names, torch.cat(chunks)
+
+
+def _embed_batch(model, modality: str, prepared: list, names: list[str], batch: int,
+                 on_error: Callable[[str, str], None]) -> tuple[torch.Tensor, list[str]]:
+    """Prepared items -> ((k, D) float32 CPU embeddings, their k names). If the batch fails (e.g. token
+    ids outside a toy model's vocabulary), each item is tried alone so that only the bad ones are lost;
+    non-finite embeddings are reported and dropped."""
+    try:
+        emb = embed_prepared(model, modality, prepared, batch_size=batch)
+    except (ValueError, RuntimeError) as e:
+        if len(prepared) == 1:
+            on_error(names[0], str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return torch.zeros(0, model.config.encoder.embed_dim), []
+        parts = [_embed_batch(model, modality, [p], [n], 1, on_error) for p, n in zip(prepared, names)]
+        return torch.cat([p[0] for p in parts]), [n for p in parts for n in p[1]]
+    return _drop_nonfinite(emb.float().cpu(), names, on_error)
+
+
+def _drop_nonfinite(emb: torch.Tensor, names: list[str], on_error: Callable[[str, str], None]
+                    ) -> tuple[torch.Tensor, list[str]]:
+    """(b, D) embeddings of `names` -> the finite rows and their names; each other one goes to on_error."""
+    bad = set(nonfinite_rows(emb))
+    if not bad:
+        return emb, names
+    for i in sorted(bad):
+        on_error(names[i], f"its embedding is not finite (NaN or infinity): {NONFINITE_HINT}")
+    keep = [i for i in range(len(names)) if i not in bad]
+    return emb[keep], [names[i] for i in keep]
 
 
 def _embed_composed(model, compose, entries: Sequence[tuple[str, Any]], on_error: Callable[[str, str], None],
@@ -107,8 +174,9 @@ def _embed_composed(model, compose, entries: Sequence[tuple[str, Any]], on_error
     chunks = [torch.zeros(0, model.config.encoder.embed_dim)]
     for name, source in entries:
         try:
-            chunks.append(compose(model, [source], batch_size or 32).float().cpu())
-            names.append(name)
+            emb, ok = _drop_nonfinite(compose(model, [source], batch_size or 32).float().cpu(), [name], on_error)
+            chunks.append(emb)
+            names += ok
         except (ValueError, OSError) as e:  # InputError names the file
             on_error(name, str(e))
         progress(1)
@@ -150,7 +218,14 @@ def encode_items(model, modality: str, sources: Sequence[Any], batch_size: int |
     """Raw items of any registered modality -> (N, D) L2-normalised embeddings: the modality's own
     `encode` when it registered one (it takes `options`, e.g. audio's long_audio=), else its
     transform + embed (or collate + forward). batch_size None: the modality's default. A model
-    without the branch uses the modality's registered `compose` path when it has one (video files)."""
+    without the branch uses the modality's registered `compose` path when it has one (video files).
+    An embedding that is not finite raises NonFiniteError naming its input (no NaN leaves the library)."""
+    out = _encode_items(model, modality, sources, batch_size, **options)
+    return check_finite(out, [_item_name(s, i) for i, s in enumerate(sources)])
+
+
+def _encode_items(model, modality: str, sources: Sequence[Any], batch_size: int | None, **options: Any
+                  ) -> torch.Tensor:
     compose = compose_path(model, modality)
     if compose is not None:
         return compose(model, sources, batch_size or 32, **options)

@@ -18,6 +18,7 @@ import mmap
 import os
 import pickle
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +33,22 @@ _STORAGE_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A checkpoint's pickle asked for something we refuse to do."""
+#: Largest `data.pkl` (uncompressed bytes, as the zip directory declares it) read from a checkpoint.
+#: A pickle only describes the tensors (their bytes are separate files in the zip): the released
+#: 4B model's is well under 1 MB. A deflated pickle can expand ~1000x (a 306 KB file cost 1.15 GB),
+#: so a larger one is refused before it is read. Raise it with
+#: ``onepeace.serialization.MAX_PICKLE_BYTES = N`` (None disables the check).
+MAX_PICKLE_BYTES: int | None = 64 * 1024 * 1024
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
+    """A checkpoint's pickle asked for something we refuse to do (a ValueError too, so that callers
+    catching bad input, like the CLI, report it as an error instead of a traceback)."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is damaged or crafted (bad zip, bad CRC, a tensor outside its storage...);
+    the message names the file."""
 
 
 class Placeholder:
@@ -94,11 +109,35 @@ class LazyTensor:
             n *= s
         return n
 
+    def problem(self) -> str | None:
+        """Why this tensor must not be read (None: it is fine). A tensor may not reach outside its
+        storage, and may not hold more elements than its storage (a stride-0 tensor of a huge shape
+        over a 1-element storage costs its full size when copied out: 1.3 GB from an 18 MB file)."""
+        shape, stride, numel = self.shape, self.stride, self.storage.numel
+        if len(shape) != len(stride) or any(not isinstance(v, int) or v < 0 for v in shape + stride):
+            return f"invalid shape {shape} / stride {stride}"
+        if self.offset < 0:
+            return f"negative storage offset {self.offset}"
+        if self.numel() == 0:
+            return None
+        need = self.offset + sum((n - 1) * st for n, st in zip(shape, stride)) + 1  # last element read + 1
+        if need > numel:
+            return (f"shape {shape} with stride {stride} at offset {self.offset} needs {need} elements "
+                    f"but its storage {self.storage.key!r} holds {numel}")
+        if self.numel() > numel:
+            return (f"shape {shape} ({self.numel()} elements) with stride {stride} expands its storage "
+                    f"{self.storage.key!r} of {numel} elements (overlapping strides are refused)")
+        return None
+
     def load(self, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
              release: bool = False) -> torch.Tensor:
         """Read the bytes (from the memory map, no intermediate copy) and return a fresh tensor,
         cast to `dtype`. release=True then drops the file's pages from this process's memory, so
-        loading a large model never holds the file's bytes AND the weights at once."""
+        loading a large model never holds the file's bytes AND the weights at once.
+        Raises CorruptCheckpointError for a tensor that does not fit its storage (see `problem`)."""
+        problem = self.problem()
+        if problem is not None:
+            raise CorruptCheckpointError(f"{self.archive.path!r}: tensor {problem}")
         base = self.archive.storage_tensor(self.storage)
         t = base.as_strided(self.shape, self.stride, self.offset)
         out = t.to(device=device, dtype=dtype or t.dtype, copy=True)
@@ -163,8 +202,26 @@ class CheckpointArchive:
         """
         if allow_unsafe:
             return torch.load(self.path, map_location="cpu", weights_only=False, mmap=True)
-        data = self._zip.read(self._pickle_name)
-        return RestrictedUnpickler(io.BytesIO(data), self).load()
+        info = self._zip.getinfo(self._pickle_name)
+        limit = MAX_PICKLE_BYTES
+        if limit is not None and info.file_size > limit:  # the declared size: checked before inflating
+            raise CorruptCheckpointError(
+                f"{self.path!r}: its {self._pickle_name} is {info.file_size} bytes uncompressed, above the "
+                f"limit of {limit} (a checkpoint's pickle only describes its tensors; a huge one is damaged "
+                "or crafted). If you trust this file, raise onepeace.serialization.MAX_PICKLE_BYTES")
+        try:
+            with self._zip.open(info) as f:  # reads at most the declared size; checks the CRC at the end
+                data = f.read()
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            raise CorruptCheckpointError(f"{self.path!r}: cannot read {self._pickle_name}: {exc}") from exc
+        try:
+            return RestrictedUnpickler(io.BytesIO(data), self).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+                AttributeError, RecursionError, MemoryError) as exc:
+            if isinstance(exc, UnsafeCheckpointError):
+                raise UnsafeCheckpointError(f"{self.path!r}: {exc}") from exc
+            raise CorruptCheckpointError(f"{self.path!r}: cannot unpickle {self._pickle_name}: "
+                                         f"{type(exc).__name__}: {exc}") from exc
 
     def release(self, storage: _LazyStorage) -> None:
         """Forget a storage's bytes: drop the cached view and tell the kernel we no longer need its
@@ -182,9 +239,14 @@ class CheckpointArchive:
         cached = self._storages.get(storage.key)
         if cached is not None:
             return cached
-        info = self._zip.getinfo(f"{self._prefix}data/{storage.key}")
+        try:
+            info = self._zip.getinfo(f"{self._prefix}data/{storage.key}")
+        except KeyError:
+            raise CorruptCheckpointError(f"{self.path!r}: the pickle names storage {storage.key!r}, "
+                                         "which the file does not hold") from None
         if info.compress_type != zipfile.ZIP_STORED:
-            raise ValueError(f"{self.path!r}: storage {storage.key} is compressed; torch.save never does that")
+            raise CorruptCheckpointError(
+                f"{self.path!r}: storage {storage.key} is compressed; torch.save never does that")
         # local file header: 30 bytes + file name + extra field, then the data
         header = self._mmap[info.header_offset: info.header_offset + 30]
         name_len = int.from_bytes(header[26:28], "little")
@@ -193,7 +255,7 @@ class CheckpointArchive:
         itemsize = torch.empty((), dtype=storage.dtype).element_size()
         self._ranges[storage.key] = (start, storage.numel * itemsize)
         if info.file_size < storage.numel * itemsize:
-            raise ValueError(f"{self.path!r}: storage {storage.key} is truncated")
+            raise CorruptCheckpointError(f"{self.path!r}: storage {storage.key} is truncated")
         if storage.numel == 0:
             t = torch.empty(0, dtype=storage.dtype)
         else:

@@ -13,6 +13,13 @@ The reference pipeline (spec section 7.1), reproduced exactly:
 
 The BPE is pure Python on top of the ``regex`` package; the result of every pre-token ("word") is
 cached, so captions that reuse words cost a dictionary lookup per word.
+
+Work is linear in the input (issue 17): BPE on one word is quadratic in its length (a 100,000-letter
+word took 99 s), so a word longer than ``max_word_chars`` (256) is cut into pieces of that many
+characters, each merged on its own; and since every piece and every shorter word gives at least one
+id, only the first ``(max_length + 1) * max_word_chars`` characters of a text can matter and the rest
+is never lower-cased or scanned. Texts whose words are all at most 256 characters long (any natural
+language text) give exactly the reference's ids.
 """
 
 from __future__ import annotations
@@ -86,6 +93,9 @@ class Tokenizer:
         bpe_dir: folder holding ``encoder.json``, ``vocab.bpe`` and ``dict.txt``.
         max_length: default number of text ids kept before ``</s>`` is appended (70 in the
             reference, so a sequence is at most 71 long).
+        max_word_chars: longest piece of one word given to BPE at once (longer words are merged
+            in pieces of this many characters; BPE is quadratic in the piece length). Raise it
+            (``tok.max_word_chars = N``) to match the reference on even longer words, at that cost.
 
     Example:
         >>> tok = Tokenizer("/path/to/bpe")                     # doctest: +SKIP
@@ -99,9 +109,12 @@ class Tokenizer:
     eos_id = 2
     unk_id = 3
 
-    def __init__(self, bpe_dir: str | os.PathLike, max_length: int = 70) -> None:
+    def __init__(self, bpe_dir: str | os.PathLike, max_length: int = 70, max_word_chars: int = 256) -> None:
         if max_length < 0:
             raise ValueError(f"max_length must be >= 0, got {max_length}")
+        if max_word_chars < 1:
+            raise ValueError(f"max_word_chars must be >= 1, got {max_word_chars}")
+        self.max_word_chars = int(max_word_chars)
         self.bpe_dir = pathlib.Path(bpe_dir)
         _check_bpe_dir(self.bpe_dir)
         self.max_length = int(max_length)
@@ -226,10 +239,19 @@ class Tokenizer:
         limit = self.max_length if max_length is None else int(max_length)
         if limit < 0:
             raise ValueError(f"max_length must be >= 0, got {limit}")
+        piece = self.max_word_chars
+        # Each word, and each piece of a long word, gives >= 1 id, so the first `limit` ids come from
+        # at most `limit` pieces of <= `piece` characters: the rest of a long text is never looked at.
+        # (+1 piece: lower() may lengthen a few characters, e.g. 'İ' -> 'i̇'.)
+        text = text[: (limit + 1) * piece]
         ids: list[int] = []
-        for word in _PRETOKENIZE.findall(" " + text.lower()):
-            ids.extend(self._encode_word(word))
-            if len(ids) >= limit:  # the rest would be truncated anyway
+        for match in _PRETOKENIZE.finditer(" " + text.lower()):
+            word = match.group()
+            for start in range(0, len(word), piece):  # (one piece unless the word is long)
+                ids.extend(self._encode_word(word[start:start + piece]))
+                if len(ids) >= limit:  # the rest would be truncated anyway
+                    break
+            if len(ids) >= limit:
                 break
         del ids[limit:]
         ids.append(self.eos_id)

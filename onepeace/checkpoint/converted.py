@@ -33,19 +33,55 @@ def save_converted(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
 
 def load_converted(path: str | os.PathLike, *, modalities: Sequence[str] | None = None,
                    dtype: torch.dtype | None = torch.float32, device: torch.device | str = "cpu"):
-    """Load a folder written by :func:`save_converted`. Returns (model, report)."""
-    from safetensors import safe_open
-
+    """Load a folder written by :func:`save_converted`. Returns (model, report). A damaged or
+    truncated config.json or model.safetensors is a CheckpointError naming the file."""
     from ..modeling.model import OnePeaceModel
 
     folder = Path(path)
-    config = ModelConfig.load(folder / CONFIG_FILE)
+    config = _read_config(folder / CONFIG_FILE)
     all_modalities = config.modalities
     if modalities is not None:
         config = config.select(modalities)
     with torch.device("meta"):
         model = OnePeaceModel(config)
     report = LoadReport(path=str(folder))
+    try:
+        loaded = _read_weights(folder, model, config, all_modalities, report, dtype, device)
+    except CheckpointError:
+        raise
+    except (_safetensor_error(), OSError, RuntimeError, ValueError) as e:  # e.g. a truncated file
+        raise CheckpointError(f"{folder / WEIGHTS_FILE}: cannot read it: {type(e).__name__}: {e}") from e
+    model.load_state_dict(loaded, strict=True, assign=True)
+    model.eval()
+    model.load_report = report
+    return model, report
+
+
+def _safetensor_error() -> type:
+    """safetensors' own error (a truncated or damaged file; it derives from Exception only)."""
+    from safetensors import SafetensorError
+
+    return SafetensorError
+
+
+def _read_config(path: Path) -> ModelConfig:
+    """config.json -> ModelConfig; a missing, truncated or wrong file is an error naming it."""
+    import json
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a converted onepeace model folder")
+    try:
+        return ModelConfig.load(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON (truncated or damaged?): {e}") from e
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a onepeace model config: {type(e).__name__}: {e}") from e
+
+
+def _read_weights(folder: Path, model, config, all_modalities, report: LoadReport, dtype, device) -> dict:
+    """model.safetensors -> {name: tensor} for the model's parameters (strict both ways)."""
+    from safetensors import safe_open
+
     expected = set(model.state_dict())
     loaded = {}
     with safe_open(str(folder / WEIGHTS_FILE), framework="pt", device="cpu") as f:
@@ -71,10 +107,7 @@ def load_converted(path: str | os.PathLike, *, modalities: Sequence[str] | None 
                 raise CheckpointError(f"{folder}: {key} has shape {tuple(t.shape)}, expected {tuple(meta[key].shape)}")
             target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
             loaded[key] = t.to(device=device, dtype=target)
-    model.load_state_dict(loaded, strict=True, assign=True)
-    model.eval()
-    model.load_report = report
-    return model, report
+    return loaded
 
 
 def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,

@@ -11,8 +11,8 @@ import torch
 
 from ..serialization import read_checkpoint
 from .key_map import CheckpointError, LoadReport, released_key_map
-from .released import assign_tensors, find_placeholders, plain_cfg, take_tensors
-from .released_config import config_from_released, released_cfg
+from .released import assign_tensors, find_placeholders, plain_cfg, read_config, take_tensors
+from .released_config import released_cfg
 
 DECODER_PREFIX = "decoder_wrapper."
 
@@ -42,15 +42,17 @@ def load_pretrain_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | No
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     obj, archive = read_checkpoint(path, allow_unsafe=allow_unsafe)
     try:
-        cfg = plain_cfg(obj.get("cfg")) or {}
+        if not isinstance(obj, Mapping) or not isinstance(obj.get("model"), Mapping):
+            raise CheckpointError(f"{path!r} is not a ONE-PEACE checkpoint: no 'model' state dict in it")
+        cfg = plain_cfg(obj.get("cfg"), path) or {}
         state = obj["model"]
         if not any(k.startswith(DECODER_PREFIX) for k in state):
             raise CheckpointError(f"{path!r} has no denoising decoder ({DECODER_PREFIX}*): not a pretraining "
                                   "checkpoint; start from it with OnePeacePretrainModel.from_model(onepeace.load(...))")
-        model_config, notes = config_from_released(cfg, state, name=Path(path).stem)
+        model_config, notes = read_config(cfg, state, path, name=Path(path).stem)
         decoder_cfg = {"model": {"encoder": (cfg.get("model") or {}).get("decoder") or {}}, "task": cfg.get("task")}
-        decoder_config, dnotes = config_from_released(decoder_cfg, state, prefix=DECODER_PREFIX,
-                                                      name=Path(path).stem + "-decoder")
+        decoder_config, dnotes = read_config(decoder_cfg, state, path, prefix=DECODER_PREFIX,
+                                             name=Path(path).stem + "-decoder")
         for note in notes + [f"decoder: {n}" for n in dnotes]:
             warnings.warn(f"{path}: {note}", stacklevel=2)
         report = LoadReport(path=path, config_notes=notes + dnotes, placeholders=find_placeholders(obj))

@@ -44,9 +44,11 @@ def load_released_checkpoint(path: str | os.PathLike, *, modalities: Sequence[st
     try:
         if not isinstance(obj, Mapping) or "model" not in obj:
             raise CheckpointError(f"{path!r} is not a ONE-PEACE checkpoint: no 'model' state dict in it")
-        cfg = plain_cfg(obj.get("cfg"))
+        cfg = plain_cfg(obj.get("cfg"), path)
         state: Mapping[str, Any] = obj["model"]
-        config, notes = config_from_released(cfg, state, name=Path(path).stem)
+        if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+            raise CheckpointError(f"{path!r}: its 'model' is not a state dict of named tensors")
+        config, notes = read_config(cfg, state, path, name=Path(path).stem)
         for note in notes:
             warnings.warn(f"{path}: {note}", stacklevel=2)
         report = LoadReport(path=path, config_notes=notes)
@@ -70,18 +72,39 @@ def load_released_checkpoint(path: str | os.PathLike, *, modalities: Sequence[st
     return model, report
 
 
-def plain_cfg(obj: Any) -> Any:
-    """cfg objects as plain dicts (an omegaconf DictConfig in some files arrives as a placeholder)."""
+#: How deep a checkpoint's `cfg` may nest (the released ones: 5 levels); deeper is damaged or crafted.
+MAX_CFG_DEPTH = 64
+
+
+def plain_cfg(obj: Any, path: str = "checkpoint", depth: int = 0) -> Any:
+    """cfg objects as plain dicts (an omegaconf DictConfig in some files arrives as a placeholder).
+    Raises CheckpointError naming `path` for a cfg nested deeper than MAX_CFG_DEPTH levels."""
+    if depth > MAX_CFG_DEPTH:
+        raise CheckpointError(f"{path}: its cfg is nested deeper than {MAX_CFG_DEPTH} levels; "
+                              "the file is damaged or crafted")
     if isinstance(obj, Placeholder):
         state = obj.state
         if isinstance(state, dict) and "_content" in state:
-            return plain_cfg(state["_content"])
-        return plain_cfg(state)
+            return plain_cfg(state["_content"], path, depth + 1)
+        return plain_cfg(state, path, depth + 1)
     if isinstance(obj, Mapping):
-        return {k: plain_cfg(v) for k, v in obj.items()}
+        return {k: plain_cfg(v, path, depth + 1) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [plain_cfg(v) for v in obj]
+        return [plain_cfg(v, path, depth + 1) for v in obj]
     return obj
+
+
+def read_config(cfg: Any, state: Mapping[str, Any], path: str, **options: Any):
+    """config_from_released, with every failure a CheckpointError naming the file."""
+    try:
+        return config_from_released(cfg, state, **options)
+    except CheckpointError as e:
+        if path in str(e):
+            raise
+        raise CheckpointError(f"{path}: {e}") from e
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # a cfg of the wrong types
+        raise CheckpointError(f"{path}: cannot build the model's config from its cfg and tensor shapes: "
+                              f"{type(e).__name__}: {e}") from e
 
 
 def find_placeholders(obj: Any, depth: int = 0) -> list[str]:
@@ -115,6 +138,9 @@ def take_tensors(state: Mapping[str, Any], key_map: dict[str, str], all_modaliti
         if key in by_released:
             if not isinstance(value, (LazyTensor, torch.Tensor)):
                 raise CheckpointError(f"{path}: {key} is not a tensor but {value!r}; refusing to load it")
+            problem = value.problem() if isinstance(value, LazyTensor) else None
+            if problem is not None:  # checked before anything is read (a stride-0 bomb costs its full size)
+                raise CheckpointError(f"{path}: {key}: {problem}; refusing to load it")
             tensors[by_released[key]] = value
             continue
         modality = released_key_modality(key, all_modalities)

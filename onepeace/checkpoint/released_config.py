@@ -39,6 +39,19 @@ class ReleasedAdapter:
     def has(self, name: str) -> bool:
         return self.prefix + name in self.state
 
+    @property
+    def is_encoder(self) -> bool:
+        """An encoder's adapter (not the pretraining decoder's, whose adapters have no input embedding)."""
+        return self.prefix.startswith(ENCODER_PREFIX)
+
+    def require(self, name: str, why: str = "") -> tuple[int, ...]:
+        """Shape of the adapter's tensor `name`; a missing one is a CheckpointError naming the key."""
+        shape = self.shape(name)
+        if shape is None:
+            raise CheckpointError(f"missing key {self.prefix + name}" + (f" ({why})" if why else "")
+                                  + "; refusing to guess it")
+        return shape
+
     def matches(self, pattern: str) -> list[re.Match]:
         """Full matches of `pattern` against the adapter's tensor names (relative), in file order."""
         n = len(self.prefix)
@@ -88,7 +101,7 @@ def config_from_released(cfg: Mapping[str, Any] | None, state: Mapping[str, Any]
     # the registered kinds with an adapter in the file, in registration order (text first in ModelConfig)
     modalities = [m for m in MODALITIES if any(k.startswith(f"{prefix}{m}_adapter.") for k in state)]
     if not modalities:
-        raise CheckpointError("no modality adapters found in the checkpoint")
+        raise CheckpointError(f"no modality adapters ({prefix}<modality>_adapter.*) found in the checkpoint")
     encoder = _encoder_config(enc_cfg, state, prefix, modalities, notes)
     adapters = {}
     for m in modalities:

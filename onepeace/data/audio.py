@@ -14,8 +14,13 @@ adapter's T'+1 positions (CLS + conv frames), True where padded.
 
 Note the order: the reference normalises BEFORE cropping, so the statistics come from the full
 clip. ``load_audio(max_seconds=...)`` (bounded decoding) therefore changes the normalisation of
-clips longer than ``max_seconds``; ``AudioTransform`` only uses it when asked to
-(``decode_seconds``).
+clips longer than ``max_seconds`` (+ 0.1 s); ``AudioTransform`` only uses it when asked to
+(``decode_seconds``). The model's transform does ask: a model reads at most 15 s, and decoding a
+whole file to keep 15 s of it let a small compressed file cost gigabytes (issue 17).
+
+Work per file is bounded: the header is probed first and a decode of more than
+:data:`MAX_AUDIO_SAMPLES` samples (frames x channels) is refused with a message saying how to raise
+the limit; files are read in blocks that are mixed to mono as they come.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from onepeace.data.image import InputError
 
 __all__ = [
     "AUDIO_EXTENSIONS",
+    "MAX_AUDIO_SAMPLES",
     "SAMPLE_RATE",
     "InputError",
     "load_audio",
@@ -156,28 +162,121 @@ def _to_mono(arr: np.ndarray, name: str, bare: bool) -> np.ndarray:
     return arr.mean(axis=ch_axis, dtype=np.float64).astype(np.float32)
 
 
-def _read_file(path: str, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
-    """Decode (part of) a file with soundfile: ((frames, channels) float32, file rate)."""
+def _env_limit(name: str, default: int) -> int | None:
+    """An integer limit from the environment (``0`` or ``none`` disables it), else ``default``."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("0", "none", "off"):
+        return None
+    try:
+        return int(float(raw))
+    except ValueError:
+        raise ValueError(f"{name} must be a number of samples (or 0 / none to disable), got {raw!r}") from None
+
+
+#: Hard limit on the samples (frames x channels) decoded from one audio file. A compressed file can
+#: expand enormously (two minutes of 8-channel 192 kHz silence is a 184 KB FLAC and 184 M samples),
+#: so files are probed first and refused above this. The default, 100 M samples, is 35 minutes of
+#: 48 kHz stereo; the usual crop (15 s) never comes near it. Raise it with
+#: ``onepeace.data.audio.MAX_AUDIO_SAMPLES = N`` (None disables it) or the environment variable
+#: ``ONEPEACE_MAX_AUDIO_SAMPLES`` (read at import; ``0`` or ``none`` disables it).
+MAX_AUDIO_SAMPLES: int | None = _env_limit("ONEPEACE_MAX_AUDIO_SAMPLES", 100_000_000)
+
+#: Frames decoded per block when a whole file is read (blocks are mixed to mono as they come, so
+#: a many-channel file never sits in memory with all its channels).
+_BLOCK_FRAMES = 1 << 18
+
+
+def _check_decode_size(name: str, frames: int, channels: int, rate: int, limit: int | None) -> None:
+    """Refuse to decode more than `limit` samples (frames x channels) of one file."""
+    if limit is not None and frames * channels > limit:
+        raise InputError(
+            f"cannot read audio {name}: decoding it would produce {frames} frames x {channels} channels "
+            f"= {frames * channels} samples ({frames / rate:.1f} s at {rate} Hz), above the limit of "
+            f"{limit} samples (a guard against decompression bombs). If you trust this file, raise the "
+            "limit: onepeace.data.audio.MAX_AUDIO_SAMPLES = N (None disables it), or the environment "
+            "variable ONEPEACE_MAX_AUDIO_SAMPLES=N"
+        )
+
+
+def _read_blocks(f: "sf.SoundFile", frames: int, name: str) -> np.ndarray:
+    """Read `frames` frames (-1: to the end) in blocks, each mixed to mono: (n,) float32.
+
+    The mean over channels is taken per block in float64 exactly as :func:`_to_mono` does for a
+    whole array, so the result equals decoding everything and then mixing, sample for sample."""
+    pieces: list[np.ndarray] = []
+    left = frames
+    while left != 0:
+        step = _BLOCK_FRAMES if left < 0 else min(_BLOCK_FRAMES, left)
+        block = f.read(frames=step, dtype="float32", always_2d=True)  # (step, channels)
+        if block.shape[0] == 0:
+            break
+        if not np.isfinite(block).all():
+            raise InputError(f"cannot read audio {name}: contains NaN or infinite samples")
+        mono = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float64).astype(np.float32)
+        pieces.append(mono)
+        left = left - block.shape[0] if left > 0 else left
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+
+
+def _read_file(path: str, name: str, max_seconds: float | None,
+               max_samples: int | None = None) -> tuple[np.ndarray, int]:
+    """Decode (part of) a file with soundfile: ((frames,) mono float32, file rate).
+
+    The file is probed first (frames x channels x rate from its header); only the frames the
+    caller keeps are decoded (``max_seconds`` plus the resampler's margin, else all), in blocks
+    mixed to mono, and a decode above ``max_samples`` (default :data:`MAX_AUDIO_SAMPLES`) is refused
+    before any sample is decoded."""
     if not os.path.exists(path):
         raise InputError(f"cannot read audio {name}: file not found")
     if os.path.isdir(path):
         raise InputError(f"cannot read audio {name}: is a directory, not a file")
     if os.path.getsize(path) == 0:
         raise InputError(f"cannot read audio {name}: file is empty (0 bytes)")
+    limit = MAX_AUDIO_SAMPLES if max_samples is None else max_samples
     try:
-        with sf.SoundFile(path) as f:
+        with sf.SoundFile(path) as f:  # opening reads the header only: the probe
             rate = _check_rate(f.samplerate, name)
-            frames = -1  # everything
+            frames = -1  # everything (reading stops at the end of the file)
             if max_seconds is not None:
                 # Bounded decode: a 3-hour file must not be read whole to keep 15 s of it.
                 frames = math.ceil(max_seconds * rate) + _resample_margin(rate)
-            data = f.read(frames=frames, dtype="float32", always_2d=True)  # (frames, channels)
+            # the header's frame count (0 where the format does not say; an estimate for some MP3s)
+            declared = f.frames if frames < 0 else min(max(f.frames, 0), frames)
+            _check_decode_size(name, declared, f.channels, rate, limit)
+            if frames < 0 and limit is not None:  # header wrong or silent: stop just past the limit
+                frames = limit // max(f.channels, 1) + 1
+            data = _read_blocks(f, frames, name)
+            if limit is not None and data.shape[0] * f.channels > limit:
+                _check_decode_size(name, data.shape[0], f.channels, rate, limit)
     except InputError:
         raise
-    except (sf.SoundFileError, RuntimeError, OSError, ValueError, EOFError) as exc:
+    except (sf.SoundFileError, RuntimeError, OSError, ValueError, EOFError, MemoryError) as exc:
         # LibsndfileError ("Format not recognised", "Error in FLAC decoder"...) is a SoundFileError
         raise InputError(f"cannot read audio {name}: {exc}") from exc
     return data, rate
+
+
+def _source_samples(source: AudioSource, name: str, target: int, max_seconds: float | None,
+                    max_samples: int | None) -> tuple[object, int, bool]:
+    """(samples: (N,) file mono / the given array, their rate, bare: an array without a rate)."""
+    if isinstance(source, (str, os.PathLike)):
+        data, rate = _read_file(os.fspath(source), name, max_seconds, max_samples)
+        return data, rate, False
+    if isinstance(source, tuple):
+        if len(source) != 2:
+            raise InputError(
+                f"cannot read audio {name}: expected (array, sample_rate), got a {len(source)}-tuple"
+            )
+        array, rate = source
+        return array, _check_rate(rate, name), False
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return source, target, True
+    raise TypeError(
+        "load_audio expects a path, an (array, sample_rate) tuple, or a 1-D array/tensor; "
+        f"got {type(source).__name__}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +287,7 @@ def load_audio(
     source: AudioSource,
     sample_rate: int = SAMPLE_RATE,
     max_seconds: float | None = None,
+    max_samples: int | None = None,
 ) -> np.ndarray:
     """Decode ``source`` to a mono float32 waveform at ``sample_rate``: shape (N,).
 
@@ -203,9 +303,14 @@ def load_audio(
     for the resampler's filter) is decoded, and the result is cropped to exactly
     ``round(max_seconds * sample_rate)`` samples (or fewer if the clip is shorter).
 
+    A file is probed before it is decoded: if the part to decode holds more than ``max_samples``
+    samples (frames x channels; default :data:`MAX_AUDIO_SAMPLES`) it is refused, and it is read in
+    blocks mixed to mono, so a many-channel file never sits in memory whole.
+
     Raises:
         InputError: missing/empty/corrupt file, no samples, a sample rate that is not an integer
-            in [1000, 768000] Hz, NaN or infinite samples, or an array of the wrong rank.
+            in [1000, 768000] Hz, NaN or infinite samples, an array of the wrong rank, or a file
+            above the decode limit (the message says how to raise it).
     """
     name = _describe(source)
     if (
@@ -219,25 +324,7 @@ def load_audio(
     target = int(sample_rate)
     max_seconds = _check_seconds(max_seconds, "max_seconds")
 
-    bare = False
-    if isinstance(source, (str, os.PathLike)):
-        data, rate = _read_file(os.fspath(source), name, max_seconds)
-    elif isinstance(source, tuple):
-        if len(source) != 2:
-            raise InputError(
-                f"cannot read audio {name}: expected (array, sample_rate), got a {len(source)}-tuple"
-            )
-        array, rate = source
-        rate = _check_rate(rate, name)
-        data = array
-    elif isinstance(source, (np.ndarray, torch.Tensor)):
-        data, rate, bare = source, target, True
-    else:
-        raise TypeError(
-            "load_audio expects a path, an (array, sample_rate) tuple, or a 1-D array/tensor; "
-            f"got {type(source).__name__}"
-        )
-
+    data, rate, bare = _source_samples(source, name, target, max_seconds, max_samples)
     if isinstance(data, torch.Tensor):
         data = data.detach().cpu().numpy()
     data = np.asarray(data)
@@ -266,14 +353,21 @@ def normalize_waveform(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Normalise a clip over ALL its samples: ``(x - mean) / sqrt(var + 1e-5)``, var biased.
 
     Exactly ``F.layer_norm(x, x.shape)`` in float32 (what the reference does), returned as a
-    new float32 tensor of the same shape.
+    new float32 tensor of the same shape. Finite samples so large that float32 statistics overflow
+    (|x| ~ 1e19 and up: the variance overflows and the reference gives NaN) are normalised in
+    float64 instead, so a finite clip never comes out NaN. Non-finite samples raise ValueError.
     """
     x = torch.as_tensor(np.asarray(wave) if not isinstance(wave, torch.Tensor) else wave)
     x = x.detach().to(torch.float32)
     if x.numel() == 0:
         raise ValueError("cannot normalise an empty waveform")
     with torch.no_grad():
-        return F.layer_norm(x, tuple(x.shape), eps=1e-5)
+        out = F.layer_norm(x, tuple(x.shape), eps=1e-5)
+        if not bool(torch.isfinite(out).all()):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("cannot normalise a waveform with NaN or infinite samples")
+            out = F.layer_norm(x.double(), tuple(x.shape), eps=1e-5).float()  # (N,), |values| <= sqrt(N)
+        return out
 
 
 def prepare_waveform(
@@ -371,14 +465,17 @@ class AudioTransform:
 
     ``decode_seconds`` (default None: decode everything, reference parity) bounds how much of a
     file is decoded; since the reference normalises over the whole clip, setting it changes
-    the result for clips longer than it.
+    the result for clips longer than it (the model's own transform sets it to ``max_seconds``:
+    work bounded by the crop, see :func:`onepeace.modalities.audio.audio_transform`).
+    ``max_samples`` overrides :data:`MAX_AUDIO_SAMPLES`, the decode limit per file.
     """
 
     sample_rate: int = SAMPLE_RATE
     max_seconds: float | None = 15.0
     min_seconds: float | None = 1.0
     decode_seconds: float | None = None
+    max_samples: int | None = None
 
     def __call__(self, source: AudioSource) -> torch.Tensor:
-        wave = load_audio(source, self.sample_rate, max_seconds=self.decode_seconds)
+        wave = load_audio(source, self.sample_rate, max_seconds=self.decode_seconds, max_samples=self.max_samples)
         return prepare_waveform(wave, self.sample_rate, self.max_seconds, self.min_seconds)

@@ -87,6 +87,8 @@ def _bomb_message(reason: str) -> str:
 def _decode_reason(exc: BaseException) -> str:
     """A readable reason for a Pillow decode failure (Pillow words truncation several ways)."""
     msg = str(exc) or type(exc).__name__
+    if msg.startswith("image is too large"):  # our own pixel-count guard: already readable
+        return msg
     if "truncated" in msg.lower():
         return f"file is truncated ({msg})"
     return f"corrupt or unsupported image data ({msg})"
@@ -184,6 +186,7 @@ def load_image(source: ImageSource) -> Image.Image:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
+                _check_pixels(source)  # before load(): a lazily opened bomb must not be decoded
                 source.load()  # lazily opened images may still be truncated
                 return _normalise_loaded(source)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

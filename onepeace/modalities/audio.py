@@ -125,10 +125,14 @@ def parse_feature_spec(spec: Any) -> tuple[tuple[int, int, int], ...]:
 
 # ---- preprocessing ----
 def audio_transform(model) -> AudioTransform:
-    """path / (wave, rate) / 16 kHz array -> (N,) prepared waveform at this model's settings."""
+    """path / (wave, rate) / 16 kHz array -> (N,) prepared waveform at this model's settings.
+    Only the crop the model reads (max_seconds, + 0.1 s for the resampler) is decoded, so the work
+    per file is bounded by the crop, not by the file (a clip longer than that is normalised over the
+    decoded part; the reference normalised over the whole file: see onepeace/data/audio.py)."""
     require_branch(model, "audio")
     cfg = model.config.adapters["audio"]
-    return AudioTransform(sample_rate=cfg.sample_rate, max_seconds=cfg.max_seconds, min_seconds=cfg.min_seconds)
+    return AudioTransform(sample_rate=cfg.sample_rate, max_seconds=cfg.max_seconds, min_seconds=cfg.min_seconds,
+                          decode_seconds=cfg.max_seconds)
 
 
 def collate_audios(model, items: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:

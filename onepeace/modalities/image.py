@@ -44,13 +44,16 @@ class ImageAdapterConfig(AdapterConfig):
         """Grid side from the (g*g + 1) position rows; the bias grid from the table's (2r-1)^2 + 3 rows;
         the stem from which weights exist; the input side from the task cfg (else 16 pixels a patch)."""
         common = view.common(args)  # first: its notes come before ours
-        pos, table = view.shape("pos_embed"), view.shape("rel_pos_table_list.0.weight")
+        pos, table = view.require("pos_embed", "the image position table"), view.shape("rel_pos_table_list.0.weight")
         bucket = round((pos[0] - 1) ** 0.5)
         rel_bucket = round(((table[0] - 3) ** 0.5 + 1) / 2) if table else args.get("rel_bucket_size", bucket)
         if view.has("embed_images.0.weight"):
             stem = "hmlp"
         elif view.has("embed_images.weight"):
             stem = "mlp"
+        elif view.is_encoder:  # an encoder's patch embedding is required (only the decoder has none)
+            key = "embed_images.weight" if args.get("vision_encoder_type") == "mlp" else "embed_images.0.weight"
+            view.require(key, "the image branch's patch embedding")
         else:
             stem = "none"
         return cls(

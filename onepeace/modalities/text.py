@@ -38,9 +38,11 @@ class TextAdapterConfig(AdapterConfig):
         common = view.common(args)  # first: its notes come before ours
         emb, table = view.shape("embed_tokens.weight"), view.shape("rel_pos_table_list.0.weight")
         bucket = (table[0] - 2) // 2 if table else args.get("bucket_size", 256)
+        if emb is None and view.is_encoder:  # a missing-key error, not a vocabulary of 0 that fails at use
+            view.require("embed_tokens.weight", "the text branch's token embedding table")  # (the decoder has none)
         return cls(
             **common, vocab_size=emb[0] if emb else 0,
-            max_positions=view.shape("embed_positions.weight")[0],
+            max_positions=view.require("embed_positions.weight", "the text position table")[0],
             bucket_size=view.pick("bucket_size", args.get("bucket_size"), bucket),
             max_length=int(view.task.get("max_src_length", 70)),
         )
