@@ -55,12 +55,21 @@ def main() -> None:
         for _, batch in zip(range(args.batches), loader):
             grads = term_gradients(trainer, batch, VL_WEIGHTS)
             itc = grads["itc_loss"]
+            total = sum(grads.values())
+            grads["total"] = total
             for term, g in grads.items():
                 cos = float(torch.nn.functional.cosine_similarity(g, itc, dim=0))
                 rows.setdefault(term, []).append((float(g.norm()), cos))
-        print(json.dumps({"checkpoint": ckpt, "terms": {
-            t: {"grad_norm": sum(r[0] for r in v) / len(v), "cos_with_itc": sum(r[1] for r in v) / len(v)}
-            for t, v in rows.items()}}))
+        mean = {t: (sum(r[0] for r in v) / len(v), sum(r[1] for r in v) / len(v)) for t, v in rows.items()}
+        # with global-norm clipping at `clip` the step along ITC's gradient is scaled by clip / |total|
+        # (when |total| > clip): the denoising terms' share of the norm is taken from the alignment
+        clip = trainer.cfg.grad_clip
+        total_norm, total_cos = mean["total"]
+        itc_step = min(1.0, clip / total_norm) * total_norm * total_cos  # the clipped step projected on ITC's
+        itc_alone = min(clip, mean["itc_loss"][0])
+        print(json.dumps({"checkpoint": ckpt, "grad_clip": clip, "terms": {
+            t: {"grad_norm": n, "cos_with_itc": c} for t, (n, c) in mean.items()},
+            "itc_step_along_itc": itc_step, "itc_step_if_alone": itc_alone}))
 
 
 if __name__ == "__main__":

@@ -98,3 +98,18 @@ def test_training_items_are_augmented_per_seed_epoch_and_item(tmp_path):
     assert not torch.equal(first[0]["audio"][:2000], x["audio"][:2000])
     assert abs(float(x["audio"].mean())) < 1e-3 and abs(float(x["audio"].std()) - 1) < 1e-2  # normalised
     assert x["audio_mask_indices"].shape[0] == x["audio_frames"] + 1
+
+
+def test_train_config_round_trips_the_augmentation(tmp_path):
+    from onepeace.train.config import TrainConfig
+
+    from onepeace.train.config import STAGES
+
+    cfg = TrainConfig(train_manifest="m.jsonl", stage=STAGES["stage2"],
+                      audio_augment=A.AudioAugmentConfig(noise_p=0.25, snr_db_range=(0.0, 10.0)))
+    cfg.save(tmp_path / "c.json")
+    back = TrainConfig.load(tmp_path / "c.json")
+    assert back.audio_augment == cfg.audio_augment and back.audio_augment.snr_db_range == (0.0, 10.0)
+    assert TrainConfig.from_dict({"train_manifest": "m.jsonl"}).audio_augment is None  # off by default
+    with pytest.raises(ValueError, match="unknown AudioAugmentConfig fields"):
+        TrainConfig.from_dict({"train_manifest": "m.jsonl", "audio_augment": {"noise": 1}})

@@ -46,12 +46,18 @@ def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
     raise RuntimeError(f"onepeace serve did not answer at {url} within {timeout:.0f} s")
 
 
-def concept_index(model_dir: str | Path, concepts: dict, folder: Path, bpe_dir: str | None = None) -> Path:
-    """An index of one caption per concept (template 0): what a recording is searched against."""
-    (folder / "captions").mkdir(parents=True, exist_ok=True)
+def concept_index(model_dir: str | Path, concepts: dict, folder: Path, clips: Sequence[str | Path] = (),
+                  bpe_dir: str | None = None) -> Path:
+    """An index of one caption per concept (template 0), what a recording is searched against, and of
+    the ``clips`` themselves (to check that a recording is found as its own source)."""
+    import shutil
+
+    (folder / "items" / "clips").mkdir(parents=True, exist_ok=True)
     lines = [concepts["templates"][c][0] for c in concepts["concepts"]]
-    (folder / "captions" / "concepts.txt").write_text("\n".join(lines) + "\n")
-    cmd = [sys.executable, "-m", "onepeace", "index", str(folder / "captions"), "--out", str(folder / "index"),
+    (folder / "items" / "concepts.txt").write_text("\n".join(lines) + "\n")
+    for k, clip in enumerate(clips):
+        shutil.copyfile(clip, folder / "items" / "clips" / f"{k:03d}-{Path(clip).name}")
+    cmd = [sys.executable, "-m", "onepeace", "index", str(folder / "items"), "--out", str(folder / "index"),
            "--model", str(model_dir), "--quiet"] + (["--bpe-dir", bpe_dir] if bpe_dir else [])
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
@@ -70,10 +76,11 @@ _READ_RECORDING = """async () => {
 }"""
 
 
-def record_and_search(page_url: str, clip: Path, seconds: float, chromium: str = CHROMIUM) -> tuple[str, bytes]:
+def record_and_search(page_url: str, clip: Path, seconds: float, chromium: str = CHROMIUM
+                      ) -> tuple[str, str, bytes]:
     """Play ``clip`` into a fresh Chromium's fake microphone, record ``seconds`` with the page's Record
-    button, search the text items with the recording; returns (the first result's text, the WAV the
-    page uploaded)."""
+    button, search the text items and then the audio items with the recording; returns (the first text
+    result, the first audio result, the WAV the page uploaded)."""
     import base64
 
     from playwright import sync_api
@@ -91,11 +98,14 @@ def record_and_search(page_url: str, clip: Path, seconds: float, chromium: str =
             page.click("#record")
             sync_api.expect(page.locator("#audio-preview")).to_contain_text("recording.wav")
             wav = base64.b64decode(page.evaluate(_READ_RECORDING))
-            page.select_option("#modality", "text")
-            page.click("#search")
-            first = page.locator("#results .result").first
-            sync_api.expect(first).to_be_visible(timeout=60_000)
-            return first.inner_text(), wav
+            found = []
+            for modality in ("text", "audio"):
+                page.select_option("#modality", modality)
+                page.click("#search")
+                sync_api.expect(page.locator("#status")).to_contain_text("results", timeout=60_000)
+                found.append(page.locator("#results .result").first.inner_text())
+                page.evaluate("() => { document.querySelector('#status').textContent = ''; }")
+            return found[0], found[1], wav
         finally:
             browser.close()
 
@@ -118,7 +128,7 @@ def microphone_hit_rate(model_dir: str | Path, data: str | Path, clips: int = 20
     concepts = json.loads((data / "concepts.json").read_text())
     entries = _spread_over_concepts(read_manifest(data / manifest), concepts["concepts"], clips)
     with tempfile.TemporaryDirectory() as tmp:
-        index = concept_index(model_dir, concepts, Path(tmp), bpe_dir)
+        index = concept_index(model_dir, concepts, Path(tmp), [e["audio"] for e in entries], bpe_dir)
         port = _free_port()
         cmd = [sys.executable, "-m", "onepeace", "serve", str(index), "--model", str(model_dir), "--port", str(port)]
         server = subprocess.Popen(cmd + (["--bpe-dir", bpe_dir] if bpe_dir else []), stdout=subprocess.DEVNULL,
@@ -129,18 +139,20 @@ def microphone_hit_rate(model_dir: str | Path, data: str | Path, clips: int = 20
             rows = []
             for entry in entries:
                 seconds = sf.info(entry["audio"]).duration + 0.6
-                text, wav = record_and_search(url, Path(entry["audio"]), seconds)
+                text, audio, wav = record_and_search(url, Path(entry["audio"]), seconds)
                 got = _concept_of(text, concepts)
                 rows.append({"audio": entry["audio"], "voice": entry.get("voice"), "label": entry["label"], "got": got,
-                             **recording_match(wav, entry["audio"])})
-                log(f"{Path(entry['audio']).name:<24} {entry.get('voice', ''):<36} -> {got} "
+                             "found_itself": f"-{Path(entry['audio']).name}" in audio and
+                             f"{len(rows):03d}-" in audio, **recording_match(wav, entry["audio"])})
+                log(f"{Path(entry['audio']).name:<24} {entry.get('voice', ''):<36} -> {got}, itself "
+                    f"{'first' if rows[-1]['found_itself'] else 'not first'} "
                     f"(recording {rows[-1]['recorded_seconds']:.1f} s, envelope match {rows[-1]['envelope_correlation']:.2f})")
         finally:
             server.terminate()
             server.wait(timeout=30)
     hits = sum(r["label"] == r["got"] for r in rows)
     return {"hits": hits, "clips": len(rows), "hit_rate": hits / max(1, len(rows)), "chance": 1 / len(concepts["concepts"]),
-            "rows": rows}
+            "found_itself": sum(r["found_itself"] for r in rows), "rows": rows}
 
 
 def recording_match(wav: bytes, clip: str | Path) -> dict[str, float]:
@@ -189,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", default="test_al_engine.jsonl", help="test_al_engine.jsonl or test_al.jsonl")
     args = parser.parse_args(argv)
     result = microphone_hit_rate(args.model, args.data or default_root(), args.clips, args.manifest)
-    print(f"hit rate {result['hits']}/{result['clips']} = {result['hit_rate']:.2f} (chance {result['chance']:.2f})")
+    print(f"hit rate {result['hits']}/{result['clips']} = {result['hit_rate']:.2f} (chance {result['chance']:.2f}); "
+          f"the recording found its own clip first: {result['found_itself']}/{result['clips']}")
     return 0
 
 

@@ -43,6 +43,7 @@ class DemoSettings:
     ablation: bool = False  # also train the contrast-only arm once (`onepeace demo --ablation`)
     audio_augment: bool = True  # stage 2: speed/pitch, reverb, band-limit, noise, gain, masking
     dcl_weight_scale: float = 1.0  # the denoising terms' weights x this (1.0: the paper's)
+    stage2_lr: float | None = None  # stage 2's peak learning rate (None: lr)
 
     @classmethod
     def quick(cls) -> "DemoSettings":
@@ -115,7 +116,8 @@ def _train_stage(out: Path, manifest: Path, settings: DemoSettings, model_dir: P
         decoder_embed_dim=settings.decoder_embed_dim, stage=STAGES[stage],
         loss=LossConfig(weights=demo_loss_weights(task, dcl, settings), same_caption_positives=True),
         audio_augment=AudioAugmentConfig() if settings.audio_augment and task == "al" else None,
-        batch_size=settings.batch_size, steps=steps, lr=settings.lr, warmup_steps=settings.warmup_steps,
+        batch_size=settings.batch_size, steps=steps, warmup_steps=settings.warmup_steps,
+        lr=settings.stage2_lr if stage == "stage2" and settings.stage2_lr is not None else settings.lr,
         weight_decay=0.05, save_every=steps, keep_last=1, log_every=5, num_workers=settings.num_workers,
         seed=seed, bpe_dir=bpe_dir,
     )
