@@ -85,7 +85,9 @@ def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (port 0: a free one), IPv6 for an IPv6 address. It listens
     from now on, so clients that connect before the loop starts wait in the backlog, not refused."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say TCP, and
+    # with Nagle on, a keep-alive answer's body waits ~40 ms for the client's delayed ACK of its head
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -63,7 +63,7 @@ class ServeConfig:
     classifier_cache: int = 16  # zero-shot classifiers kept (labels embedded once per label set)
     thumb_size: int = 256
     log_requests: bool = False
-    # torch threads for the model (every forward runs on the one model thread). 1 by default: with the
+    # torch threads of the model's thread (every forward runs there). 1 by default: with the
     # demo model on a busy 2-core machine, 2 OpenMP threads gave p50 ~60-700 ms per text query,
     # 1 thread 4 ms (benchmarks/serve_load.py). 0 = torch's default (worth it for big models on idle cores)
     torch_threads: int = 1
@@ -168,7 +168,7 @@ class SearchService:
 
     def __init__(self, index: SearchIndex, model, config: ServeConfig = ServeConfig()):
         self.index, self.model, self.config = index, model, config
-        self.worker = ModelWorker(model, config.max_batch)
+        self.worker = ModelWorker(model, config.max_batch, config.torch_threads)
         self.root = Path(index.info["root"]).resolve()
         self.classifiers: dict[tuple, Any] = {}  # (labels, modality) -> ZeroShotClassifier, oldest first
         self._classifiers_lock = threading.Lock()

@@ -31,8 +31,8 @@ class _Job:
 class ModelWorker:
     """One daemon thread that runs `model`; jobs are batched per modality up to `max_batch` items."""
 
-    def __init__(self, model, max_batch: int = 32):
-        self.model, self.max_batch = model, max(1, max_batch)
+    def __init__(self, model, max_batch: int = 32, torch_threads: int = 0):
+        self.model, self.max_batch, self.torch_threads = model, max(1, max_batch), torch_threads
         self._jobs: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -82,6 +82,10 @@ class ModelWorker:
             return taken
 
     def _run(self) -> None:
+        if self.torch_threads > 0:  # OpenMP's thread count is per calling thread: set it on this one
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
         while True:
             jobs = self._take()
             if not jobs:
