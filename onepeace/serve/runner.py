@@ -106,6 +106,7 @@ class Server:
     def __init__(self, app: Any, config, on_close: Callable[[], None] | None = None):
         import uvicorn
 
+        self.app = app
         self.socket = bind(config.host, config.port)
         self.server_address = self.socket.getsockname()[:2]
         self._on_close = on_close

@@ -443,7 +443,9 @@ def make_server(index: SearchIndex, model, config: ServeConfig = ServeConfig()):
     from .app import build_app
 
     service = SearchService(index, model, config)
-    return Server(build_app(service), config, on_close=service.worker.close)
+    server = Server(build_app(service), config, on_close=service.worker.close)
+    server.service = service  # for tests and benchmarks: the model worker's counters, the index
+    return server
 
 
 def demo_index(model_path: Path = DEMO_MODEL, progress: bool = True) -> Path:

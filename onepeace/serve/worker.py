@@ -59,6 +59,11 @@ class ModelWorker:
             self._cond.notify()
         return job.future
 
+    def queued(self) -> int:
+        """Jobs waiting for the model (not counting the one it runs)."""
+        with self._cond:
+            return len(self._jobs)
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
