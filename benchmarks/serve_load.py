@@ -13,6 +13,8 @@ Per server it measures:
   --idle-wait seconds (and when the last one was closed), and whether a query is answered meanwhile;
 - a normal query's latency alone and while a large audio upload (a FLAC of silence at 192 kHz, 8
   channels: a small file that decodes to hundreds of MB) is being processed;
+- N concurrent bodies of the largest size the default limits allow (~112 MB each): their statuses
+  and the growth of the server's peak RSS;
 - the server's peak RSS (VmHWM) after each phase.
 The old server is `git archive REF onepeace` unpacked in a temp folder and run with PYTHONPATH there.
 Errors in the load rows must be 0.
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +162,8 @@ def idle_connections(server, n: int, wait: float) -> str:
 
 
 def query_during_upload(server, bomb: Path) -> str:
-    """Median latency of 5 text queries alone, then while the audio bomb is being processed."""
+    """Median latency of 5 text queries alone; then queries every 0.25 s for as long as the audio bomb's
+    upload is being answered: their median and worst latency."""
     body = {"text": TEXTS[1], "modality": None, "k": 5}
     alone = sorted(query(server, body)[1] for _ in range(5))[2]
     upload = {"parts": [{"modality": "audio", "data": base64.b64encode(bomb.read_bytes()).decode(),
@@ -167,14 +171,48 @@ def query_during_upload(server, bomb: Path) -> str:
     result: list = []
     thread = threading.Thread(target=lambda: result.append(query(server, upload, timeout=600)))
     thread.start()
-    time.sleep(0.5)  # the upload is read and being decoded
-    during = [query(server, body) for _ in range(5)]
+    time.sleep(0.3)  # the upload is read and being decoded
+    during = []
+    while thread.is_alive() or not during:
+        during.append(query(server, body))
+        time.sleep(0.25)
     thread.join()
     status, took = result[0] if result else ("no answer", float("nan"))
-    lat = sorted(t for _, t in during)[2]
-    return (f"query alone {alone * 1000:.0f} ms; during a {bomb.stat().st_size // 1024} KB FLAC upload "
-            f"{lat * 1000:.0f} ms (statuses {sorted({s for s, _ in during})}); the upload: HTTP {status} "
-            f"in {took:.1f} s")
+    lat = sorted(t for _, t in during)
+    return (f"query alone {alone * 1000:.0f} ms; during a {bomb.stat().st_size // 1024} KB FLAC upload: "
+            f"{len(during)} queries, median {lat[len(lat) // 2] * 1000:.0f} ms, worst {lat[-1] * 1000:.0f} ms "
+            f"(statuses {sorted({s for s, _ in during})}); the upload: HTTP {status} in {took:.1f} s")
+
+
+def heavy_bodies(server, n: int, upload_mb: int = 10, parts: int = 8) -> str:
+    """n concurrent bodies of the largest size the default limits take (8 parts of 10 MiB, base64:
+    ~112 MB each; garbage behind a PNG signature, so each is refused after decoding): statuses, and
+    how much the server's peak RSS grew."""
+    blob = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(upload_mb * 1024 * 1024 - 8)).decode()
+    body = json.dumps({"parts": [{"modality": "image", "data": blob, "filename": f"big{i}.png"}
+                                 for i in range(parts)]}).encode()
+    del blob
+    before = server.peak_rss_mb()
+
+    def send() -> int:
+        import http.client
+
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=300)
+        try:
+            conn.request("POST", "/api/search", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status
+        except OSError as e:  # refused before the body was read: the server closed the connection
+            return f"{type(e).__name__}"
+        finally:
+            conn.close()
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        statuses = list(pool.map(lambda _: send(), range(n)))
+    return (f"{n} concurrent {len(body) / 1e6:.0f} MB bodies: statuses {sorted(map(str, statuses))} in "
+            f"{time.perf_counter() - t0:.1f} s; peak RSS {before:.0f} -> {server.peak_rss_mb():.0f} MB")
 
 
 def run_server(server, args, bomb: Path) -> list[str]:
@@ -192,6 +230,9 @@ def run_server(server, args, bomb: Path) -> list[str]:
     if args.idle:
         lines.append("   " + idle_connections(server, args.idle, args.idle_wait))
         print(lines[-1], flush=True)
+    if args.heavy:
+        lines.append("   " + heavy_bodies(server, args.heavy))
+        print(lines[-1], flush=True)
     lines.append("   " + query_during_upload(server, bomb))
     lines.append(f"   peak RSS after the upload: {server.peak_rss_mb():.0f} MB; tracebacks in its log: {server.tracebacks()}")
     return lines
@@ -208,6 +249,7 @@ def main() -> int:
     ap.add_argument("--modality", default="image", help="target modality of the queries ('' for all)")
     ap.add_argument("--idle", type=int, default=1000, help="idle connections to open (0: skip)")
     ap.add_argument("--idle-wait", type=float, default=15.0, help="seconds to wait for the server to close them")
+    ap.add_argument("--heavy", type=int, default=4, help="concurrent largest-size bodies to send (0: skip)")
     ap.add_argument("--bomb-seconds", type=float, default=60.0, help="length of the audio upload (192 kHz, 8 ch)")
     args = ap.parse_args()
     if args.url:

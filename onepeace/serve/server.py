@@ -172,7 +172,8 @@ class SearchService:
         self.root = Path(index.info["root"]).resolve()
         self.classifiers: dict[tuple, Any] = {}  # (labels, modality) -> ZeroShotClassifier, oldest first
         self._classifiers_lock = threading.Lock()
-        self._transforms: dict[str, Any] = {}
+        self._transforms: dict[str, Any] = {}  # modality -> its preprocessing (raw item -> tensor)
+        self._transforms_lock = threading.Lock()
 
     # ---- parsing ----
     def parse_parts(self, body: dict[str, Any]) -> list[tuple[QueryPart, str | None]]:
@@ -245,9 +246,13 @@ class SearchService:
     def _transform(self, modality: str):
         from ..inference import modality_transform
 
-        if modality not in self._transforms:  # built once (a text transform loads the tokenizer)
-            self._transforms[modality] = modality_transform(self.model, modality)
-        return self._transforms[modality]
+        found = self._transforms.get(modality)
+        if found is None:
+            with self._transforms_lock:  # built once: 16 first queries at once would load 16 tokenizers
+                found = self._transforms.get(modality)
+                if found is None:
+                    found = self._transforms[modality] = modality_transform(self.model, modality)
+        return found
 
     def _submit(self, part: QueryPart):
         """Prepare one part here (decode, tokenize: in this request's thread, beside the model) and
