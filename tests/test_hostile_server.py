@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-import onepeace
-from conftest import ASSETS, BPE_DIR, CAPTIONS, make_collection, require_module
-from onepeace.index import IndexConfig, SearchIndex, build_index
+from conftest import ASSETS, BPE_DIR, CAPTIONS, require_module
+from onepeace.index import SearchIndex
 from onepeace.serve import ServeConfig, make_server
+from test_serve import indexed_collection
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,11 +37,7 @@ def _extras():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_model_dir):
     """(index folder, model) of make_collection() with the tiny model."""
-    root = make_collection(tmp_path_factory.mktemp("hostile") / "data")
-    model = onepeace.load(tiny_model_dir)
-    model.tokenizer = onepeace.get_tokenizer(BPE_DIR)
-    out = root.parent / "idx"
-    build_index(root, out, model, tiny_model_dir, IndexConfig(), progress=False, log=lambda m: None)
+    _, out, model = indexed_collection(tmp_path_factory.mktemp("hostile"), tiny_model_dir)
     return out, model
 
 

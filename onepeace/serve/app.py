@@ -32,7 +32,9 @@ from .server import LOCAL_HOSTS, PAGE, RequestError, SearchService, parse_item_i
 
 log = logging.getLogger("onepeace.serve")
 POST_ROUTES = {"/api/search": "search", "/api/embed": "embed", "/api/zero-shot": "zero_shot"}
-CLOSE = {"Connection": "close"}  # on answers sent before the body was read: the rest is not read
+# on answers to a body that will not be read (no length, or over the limit): close the connection.
+# Other early answers (415, 503) keep it: uvicorn discards the rest of a body it was not asked for
+CLOSE = {"Connection": "close"}
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -97,8 +99,10 @@ class Gate:
         elif heavy and self.uploads >= self.config.max_uploads:
             busy = f"{self.uploads} large uploads in progress (at most {self.config.max_uploads})"
         if busy:
+            # no Connection: close: uvicorn discards the unread body (nothing is kept), and the client,
+            # still sending, reads this answer instead of a connection reset
             raise RequestError(503, f"the server is busy: {busy}; retry later",
-                               {"Retry-After": str(self.service.retry_after()), **CLOSE})
+                               {"Retry-After": str(self.service.retry_after())})
         self.model_requests += 1
         self.uploads += heavy
         try:
@@ -143,7 +147,7 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytearray:
         raise RequestError(413, f"request body of {int(length)} bytes is too large (limit {limit})", CLOSE)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
-        raise RequestError(415, f"Content-Type must be application/json, got {ctype[:60] or 'none'!r}", CLOSE)
+        raise RequestError(415, f"Content-Type must be application/json, got {ctype[:60] or 'none'!r}")
     buf = bytearray()
     try:
         with anyio.fail_after(timeout):
