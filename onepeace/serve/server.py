@@ -48,6 +48,7 @@ from .worker import ModelWorker
 PAGE = Path(__file__).with_name("page.html")
 DEMO_MODEL = Path("runs/demo/model")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # Host names served by default (DNS rebinding guard)
+_thread_state = threading.local()  # per request thread: whether its OpenMP threads were set
 MAX_ITEM_ID = 2 ** 63 - 1  # SQLite's INTEGER range: larger ids are not items (404, not an overflow)
 
 
@@ -63,7 +64,7 @@ class ServeConfig:
     classifier_cache: int = 16  # zero-shot classifiers kept (labels embedded once per label set)
     thumb_size: int = 256
     log_requests: bool = False
-    # torch threads of the model's thread (every forward runs there). 1 by default: with the
+    # torch (and FAISS) threads of the model thread and of each request thread. 1 by default: with the
     # demo model on a busy 2-core machine, 2 OpenMP threads gave p50 ~60-700 ms per text query,
     # 1 thread 4 ms (benchmarks/serve_load.py). 0 = torch's default (worth it for big models on idle cores)
     torch_threads: int = 1
@@ -305,8 +306,22 @@ class SearchService:
             raise RequestError(422, str(e)) from None
         return composed, singles
 
+    def _thread_setup(self) -> None:
+        """OpenMP's thread count is per calling thread: give this request thread (preprocessing with
+        torch, the FAISS search) the configured count, once. With the default (the core count) each
+        pool thread keeps its own spinning OpenMP team: ~2 ms more per query on a busy 2-core machine."""
+        n = self.config.torch_threads
+        if n > 0 and not getattr(_thread_state, "limited", False):
+            import faiss
+            import torch
+
+            torch.set_num_threads(n)
+            faiss.omp_set_num_threads(n)
+            _thread_state.limited = True
+
     # ---- endpoints ----
     def search(self, body: dict[str, Any]) -> dict[str, Any]:
+        self._thread_setup()
         t0 = time.perf_counter()
         k = body.get("k", 10)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.config.max_k:
@@ -328,11 +343,13 @@ class SearchService:
         return {"results": hits, "took_ms": (time.perf_counter() - t0) * 1000}
 
     def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        self._thread_setup()
         composed, singles = self._embed(self.parse_parts(body), each=True)
         return {"dim": int(composed.shape[0]), "composed": composed.tolist(), "embeddings": [s.tolist() for s in singles]}
 
     def zero_shot(self, body: dict[str, Any]) -> dict[str, Any]:
         """Ranked labels of one uploaded file (or text): the model's zero-shot classifier of the labels."""
+        self._thread_setup()
         t0 = time.perf_counter()
         labels = self._zero_shot_labels(body.get("labels"))
         k = body.get("k", len(labels))
