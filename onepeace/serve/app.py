@@ -125,7 +125,7 @@ def guarded(fn: Callable) -> Callable:
         except RequestError as e:
             return error(e.status, str(e), e.headers)
         except (ClientGone, ClientDisconnect):
-            return Response(status_code=499)  # never sent: uvicorn drops writes to a closed connection
+            return Response(status_code=400)  # never sent: uvicorn drops writes to a closed connection
         except RecursionError:  # only a deeply nested request gets here
             return error(400, "the request is nested too deeply")
         except Exception as e:
