@@ -178,6 +178,21 @@ def test_a_non_finite_embedding_is_a_422_and_never_a_nan(server, monkeypatch):
     assert search(server.port, {"text": CAPTIONS[0], "k": 1})[0] == 200
 
 
+def test_an_audio_file_of_huge_samples_is_a_422_not_nan_vectors(server, tmp_path):
+    """Finite 1e38 samples overflow in the model: the API answered 200 with NaN vectors (embed) and
+    [] (search); now a 422 naming the upload, whichever layer notices first."""
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(tmp_path / "huge.wav", np.full(16000, 1e38, dtype=np.float32), 16000, subtype="FLOAT")
+    part = {"modality": "audio", "data": base64.b64encode((tmp_path / "huge.wav").read_bytes()).decode(),
+            "filename": "huge.wav"}
+    for path in (b"/api/embed", b"/api/search"):
+        status, headers, raw = post(server.port, path, json.dumps({"parts": [part], "k": 3}).encode())
+        assert_json_error(status, headers, raw, 422, "parts[0] (huge.wav)")
+        json.loads(raw, parse_constant=lambda c: pytest.fail(f"{c} in the answer"))
+
+
 # ---- Host allow-list, JSON content type ----
 @pytest.mark.parametrize("host", [b"evil.example", b"evil.example:8000", b"127.0.0.1.nip.io", b"localhost.evil.example",
                                   b""])
