@@ -47,7 +47,7 @@ def serve(index_path: str | os.PathLike | None = None, model_path: str | os.Path
     print(f"serving {index_path} ({', '.join(f'{n} {m}' for m, n in stats['searchable'].items())}) "
           f"on http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
     if host in ("0.0.0.0", "::") and "*" not in config.allow_hosts:
-        print(f"listening on all addresses, but only Host names {', '.join(LOCAL_HOSTS + config.allow_hosts)} "
+        print(f"listening on all addresses, but only Host names {', '.join((*LOCAL_HOSTS, *config.allow_hosts))} "
               "are served: add this machine's name with --allow-host NAME", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
