@@ -215,7 +215,8 @@ def heavy_bodies(server, n: int, upload_mb: int = 10, parts: int = 8) -> str:
             f"{time.perf_counter() - t0:.1f} s; peak RSS {before:.0f} -> {server.peak_rss_mb():.0f} MB")
 
 
-def run_server(server, args, bomb: Path) -> list[str]:
+def run_server(server, args, bomb: Path, rows: dict) -> list[str]:
+    """Every measurement of one server -> report lines; its load rows go to rows[clients][label]."""
     from onepeace.serve.loadtest import LoadResult, run_load
 
     lines = [f"== {server.label}: {server.url}"]
@@ -224,6 +225,7 @@ def run_server(server, args, bomb: Path) -> list[str]:
     lines.append(f"   {LoadResult.HEADER}")
     for n in args.clients:
         result = run_load(server.url, bodies, clients=n, seconds=args.seconds)
+        rows.setdefault(n, {})[server.label] = result
         lines.append(f"   {result.line()}" + (f"   first error: {result.first_error}" if result.errors else ""))
         print(lines[-1], flush=True)
     lines.append(f"   peak RSS after load: {server.peak_rss_mb():.0f} MB")
@@ -269,15 +271,26 @@ def main() -> int:
             old = tmp / "old"
             old.mkdir()
             trees.append((f"old ({args.old_ref})", old_tree(args.old_ref, old), []))
-        report = []
+        report, rows = [], {}
         for label, tree, extra in trees:
             server = ServerProcess(label, tree, index, extra)
             try:
-                report += run_server(server, args, bomb)
+                report += run_server(server, args, bomb, rows)
             finally:
                 server.stop()
-        print("\n".join(report))
-    return 0
+        print("\n".join(report + [""] + side_by_side(rows, [t[0] for t in trees])))
+    return 1 if any(r.errors for per in rows.values() for r in per.values()) else 0
+
+
+def side_by_side(rows: dict, labels: list[str]) -> list[str]:
+    """The load rows as one table: per number of clients, req/s and p50/p99 of each server."""
+    names = [label.split(" ")[0] for label in labels]  # "new", "old"
+    out = [f"{'clients':>7}" + "".join(f" {n + ' req/s':>10} {n + ' p50':>8} {n + ' p99':>8}" for n in names)]
+    for n, per in rows.items():
+        cells = [per.get(label) for label in labels]
+        out.append(f"{n:>7}" + "".join(f" {r.rps:>10.1f} {r.p50_ms:>8.1f} {r.p99_ms:>8.1f}" if r else f" {'-':>28}"
+                                       for r in cells))
+    return out + ["(" + "; ".join(labels) + "; latencies in ms)"]
 
 
 if __name__ == "__main__":
