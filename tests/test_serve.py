@@ -25,14 +25,20 @@ def _faiss():
     require_module("faiss", "serve")
 
 
+def indexed_collection(folder: Path, model_dir: Path):
+    """make_collection() under `folder` indexed with the tiny model -> (data root, index folder, model)."""
+    root = make_collection(folder / "data")
+    model = onepeace.load(model_dir)
+    model.tokenizer = onepeace.get_tokenizer(BPE_DIR)
+    out = root.parent / "idx"
+    build_index(root, out, model, model_dir, IndexConfig(), progress=False, log=lambda m: None)
+    return root, out, model
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
     """The tiny model's index of make_collection(), served on a free loopback port in a thread."""
-    root = make_collection(tmp_path_factory.mktemp("serve") / "data")
-    model = onepeace.load(tiny_model_dir)
-    model.tokenizer = onepeace.get_tokenizer(BPE_DIR)
-    out = root.parent / "idx"
-    build_index(root, out, model, tiny_model_dir, IndexConfig(), progress=False, log=lambda m: None)
+    root, out, model = indexed_collection(tmp_path_factory.mktemp("serve"), tiny_model_dir)
     srv = make_server(SearchIndex(out), model, ServeConfig(port=0, max_upload_bytes=200_000))
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()

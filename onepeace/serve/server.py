@@ -1,4 +1,5 @@
-"""`onepeace serve`: an HTTP JSON API and a web page over an index (standard library HTTP server).
+"""`onepeace serve`: an HTTP JSON API and a web page over an index (Starlette under uvicorn; the
+routes are in :mod:`onepeace.serve.app`, the OpenAPI description at GET /openapi.json).
 
     GET  /                       the search page (text, image upload, audio upload or recording, weights)
     GET  /api/health             {"status": "ok", "items": n, "model_id": ...}
@@ -9,39 +10,46 @@
                                  -> {"modality": M, "results": [{"label", "prob"}, ...] (best first)}
     GET  /api/item/ID/file       the indexed file of item ID (only whole indexed files are served)
     GET  /api/item/ID/thumb      a PNG thumbnail (longest side <= 256) of item ID, an image file
+    GET  /openapi.json           the API described as OpenAPI 3.1
 
 A part is {"modality": "text", "text": "a cow", "weight": 1} (a part given as a string) or
 {"modality": M, "data": "<base64 file>", "filename": "cow.flac", "weight": 1} for any modality M of
 the model whose file type the upload's first bytes show (SIGNATURES + the registered suffixes);
 {"text": "a cow"} is short for one text part. A zero-shot upload may leave "modality" out: the file's
-first bytes give it. Uploads are size-limited; a bad request gets a 4xx
-JSON {"error": "..."} naming the part, and the server keeps running.
+first bytes give it. Every limit is a ServeConfig field (and a flag of `onepeace serve`); a bad
+request gets a 4xx JSON {"error": "..."} naming the part, and the server keeps running.
+
+Threads: the event loop only reads bodies and writes answers; a request's parsing, decoding and
+tokenizing run in a worker thread of the loop's pool, and every forward pass runs on the model's
+own thread (:class:`~onepeace.serve.worker.ModelWorker`), which batches concurrent queries.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import io
-import json
 import mimetypes
 import os
 import sys
-import tempfile
 import threading
+import tempfile
 import time
-import traceback
+from concurrent.futures import CancelledError, TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..index.search import QueryPart, SearchIndex, embed_query
-from ..registry import can_embed, embeddable_modalities
+from ..index.search import QueryPart, SearchIndex
+from ..registry import can_embed, compose_path, embeddable_modalities
+from .worker import ModelWorker
 
 PAGE = Path(__file__).with_name("page.html")
 DEMO_MODEL = Path("runs/demo/model")
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # Host names served by default (DNS rebinding guard)
+_thread_state = threading.local()  # per request thread: whether its OpenMP threads were set
+MAX_ITEM_ID = 2 ** 63 - 1  # SQLite's INTEGER range: larger ids are not items (404, not an overflow)
 
 
 @dataclass(frozen=True)
@@ -56,10 +64,31 @@ class ServeConfig:
     classifier_cache: int = 16  # zero-shot classifiers kept (labels embedded once per label set)
     thumb_size: int = 256
     log_requests: bool = False
-    # torch threads for the model (requests embed one at a time under a lock). 1 by default: with the
+    # torch (and FAISS) threads of the model thread and of each request thread. 1 by default: with the
     # demo model on a busy 2-core machine, 2 OpenMP threads gave p50 ~60-700 ms per text query,
     # 1 thread 4 ms (benchmarks/serve_load.py). 0 = torch's default (worth it for big models on idle cores)
     torch_threads: int = 1
+    # Host headers served besides LOCAL_HOSTS (and the bound address): a web page the user visits
+    # cannot reach the API through a DNS name of its own ("*" serves any Host: only behind a proxy)
+    allow_hosts: tuple[str, ...] = ()
+    # seconds a connection may sit without sending a complete request head (idle keep-alive
+    # connections, silent ones, and heads sent byte by byte) before it is closed
+    idle_timeout: float = 5.0
+    # seconds for a request body to arrive (else 408) and for an answer to be ready (else 503)
+    request_timeout: float = 60.0
+    # search / embed / zero-shot requests in progress at once (read, queued or on the model);
+    # beyond it: 503 with Retry-After. Bounds the memory and the queueing delay of model work
+    max_model_requests: int = 64
+    # requests with a body over large_body_bytes (uploads) read and decoded at once; beyond: 503
+    max_uploads: int = 2
+    large_body_bytes: int = 1024 * 1024
+    max_batch: int = 32  # items per batched model call (concurrent queries of one modality)
+    max_weight: float = 1e6  # |weight| of a query part (weights are relative: larger only overflows)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body: max_parts base64 uploads plus their JSON."""
+        return self.max_parts * (self.max_upload_bytes * 4 // 3 + 4096)
 
 
 # first bytes -> the file's extension; the extension's modality comes from the suffix table of the
@@ -109,19 +138,43 @@ def _is_image_file(path: str | os.PathLike) -> bool:
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str):
+    """A request the server refuses: `status` and a message naming the bad input (sent as JSON)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
+
+
+def parse_item_id(raw: str) -> int:
+    """An item id from the URL: ASCII digits below 2^63 (anything else names no item: 404)."""
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19) or int(raw) > MAX_ITEM_ID:
+        raise RequestError(404, f"bad item id {raw[:40]!r} (expected a number below 2^63)")
+    return int(raw)
+
+
+def compose(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """(D,) float32 sum_i w_i e_i / |sum_i w_i e_i| of unit vectors e_i (summed in float64: the
+    weights are bounded by ServeConfig.max_weight, so the sum is finite). ValueError when they cancel."""
+    total = sum(w * v.astype(np.float64) for v, w in zip(vectors, weights))
+    norm = float(np.linalg.norm(total))
+    if not norm >= 1e-6:  # also NaN
+        raise ValueError("the query's weighted parts cancel out (zero vector); change the weights")
+    return (total / norm).astype(np.float32)
 
 
 class SearchService:
-    """The model + index behind the HTTP handlers (thread-safe: the model runs under a lock)."""
+    """The model + index behind the HTTP routes. Thread-safe: methods run in the request threads and
+    hand every forward pass to the model thread (`worker`), which batches concurrent queries."""
 
     def __init__(self, index: SearchIndex, model, config: ServeConfig = ServeConfig()):
         self.index, self.model, self.config = index, model, config
-        self.model_lock = threading.Lock()
+        self.worker = ModelWorker(model, config.max_batch, config.torch_threads)
         self.root = Path(index.info["root"]).resolve()
         self.classifiers: dict[tuple, Any] = {}  # (labels, modality) -> ZeroShotClassifier, oldest first
+        self._classifiers_lock = threading.Lock()
+        self._transforms: dict[str, Any] = {}  # modality -> its preprocessing (raw item -> tensor)
+        self._transforms_lock = threading.Lock()
 
     # ---- parsing ----
     def parse_parts(self, body: dict[str, Any]) -> list[tuple[QueryPart, str | None]]:
@@ -138,9 +191,7 @@ class SearchService:
             for i, p in enumerate(raw):
                 out.append(self._parse_part(i, p))
         except BaseException:
-            for _, tmp in out:
-                if tmp:
-                    os.unlink(tmp)
+            _remove_temp(out)
             raise
         return out
 
@@ -149,11 +200,14 @@ class SearchService:
             raise RequestError(400, f"parts[{i}]: expected an object, got {type(p).__name__}")
         modality = p.get("modality")
         weight = p.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not np.isfinite(weight):
-            raise RequestError(400, f"parts[{i}].weight: expected a finite number, got {weight!r}")
+        limit = self.config.max_weight
+        if (not isinstance(weight, (int, float)) or isinstance(weight, bool) or not np.isfinite(weight)
+                or abs(weight) > limit):
+            raise RequestError(400, f"parts[{i}].weight: expected a finite number of magnitude at most {limit:g}, "
+                                    f"got {str(weight)[:40]}")
         if not isinstance(modality, str) or not can_embed(self.model, modality):
             raise RequestError(400, f"parts[{i}].modality: expected one of the model's modalities "
-                                    f"{', '.join(map(repr, embeddable_modalities(self.model)))}, got {modality!r}")
+                                    f"{', '.join(map(repr, embeddable_modalities(self.model)))}, got {str(modality)[:40]!r}")
         if "text" in p:  # a part given as a string (the text modality's items)
             return self._text_part(i, p.get("text"), modality, float(weight)), None
         return self._upload_part(i, p, modality, float(weight))
@@ -189,38 +243,97 @@ class SearchService:
             f.write(blob)
         return QueryPart(modality, tmp, weight, name), tmp
 
+    # ---- model work ----
+    def _transform(self, modality: str):
+        from ..inference import modality_transform
+
+        found = self._transforms.get(modality)
+        if found is None:
+            with self._transforms_lock:  # built once: 16 first queries at once would load 16 tokenizers
+                found = self._transforms.get(modality)
+                if found is None:
+                    found = self._transforms[modality] = modality_transform(self.model, modality)
+        return found
+
+    def _submit(self, part: QueryPart):
+        """Prepare one part here (decode, tokenize: in this request's thread, beside the model) and
+        queue its forward pass -> a Future of its (1, D) embedding."""
+        if compose_path(self.model, part.modality) is not None:  # e.g. a video file on a model without video
+            from ..inference import encode_items
+
+            return self.worker.call(lambda: encode_items(self.model, part.modality, [part.value]).float().cpu().numpy())
+        return self.worker.embed(part.modality, [self._transform(part.modality)(part.value)])
+
+    def _wait(self, future):
+        """A model future's result within the request timeout (else 503: the model is saturated)."""
+        try:
+            return future.result(timeout=self.config.request_timeout)
+        except (FutureTimeout, CancelledError):
+            future.cancel()
+            raise RequestError(503, f"the model is busy: no answer within {self.config.request_timeout:g} s; "
+                                    "retry later", {"Retry-After": str(self.retry_after())}) from None
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: about one model call per queued batch, at least 1."""
+        return int(min(60, max(1, np.ceil(self.worker.seconds_per_call * 4))))
+
     def _embed(self, parts: list[tuple[QueryPart, str | None]], each: bool = False):
-        """Composed (D,) query vector (and each part's own embedding when `each`). Cleans up temp files."""
+        """Composed (D,) query vector (and each part's own vector when `each`). Cleans up temp files."""
         from ..data.image import InputError
 
-        try:
-            with self.model_lock:
-                composed = embed_query(self.model, [q for q, _ in parts])
-                singles = [embed_query(self.model, [q]) for q, _ in parts] if each else None
-        except (InputError, ValueError) as e:
-            msg = str(e)
-            for q, tmp in parts:  # name the upload, not our temp file
-                if tmp:
-                    msg = msg.replace(f"'{tmp}'", q.name).replace(tmp, q.name)
-            raise RequestError(422, msg) from None
+        def named(q: QueryPart, step, *args):  # an unreadable input: 422 naming the part, not our temp file
+            try:
+                return step(*args)
+            except (InputError, ValueError, OSError) as e:
+                msg = str(e)
+                for other, tmp in parts:
+                    if tmp:
+                        msg = msg.replace(f"'{tmp}'", other.name).replace(tmp, other.name)
+                raise RequestError(422, msg if q.name in msg else f"{q.name}: {msg}") from None
+
+        try:  # every part is queued before the first wait: the parts of one request share a batch
+            futures = [named(q, self._submit, q) for q, _ in parts]
+            vectors = [named(q, self._wait, f)[0] for (q, _), f in zip(parts, futures)]
         finally:
-            for _, tmp in parts:
-                if tmp:
-                    os.unlink(tmp)
+            _remove_temp(parts)
+        for (q, _), v in zip(parts, vectors):
+            if not np.isfinite(v).all():
+                raise RequestError(422, f"{q.name}: the model gave a non-finite embedding (NaN or inf) for this input")
+        try:
+            composed = compose(vectors, [q.weight for q, _ in parts])
+            singles = [compose([v], [q.weight]) for (q, _), v in zip(parts, vectors)] if each else None
+        except ValueError as e:
+            raise RequestError(422, str(e)) from None
         return composed, singles
+
+    def _thread_setup(self) -> None:
+        """OpenMP's thread count is per calling thread: give this request thread (preprocessing with
+        torch, the FAISS search) the configured count, once. With the default (the core count) each
+        pool thread keeps its own spinning OpenMP team: ~2 ms more per query on a busy 2-core machine."""
+        n = self.config.torch_threads
+        if n > 0 and not getattr(_thread_state, "limited", False):
+            import faiss
+            import torch
+
+            torch.set_num_threads(n)
+            faiss.omp_set_num_threads(n)
+            _thread_state.limited = True
 
     # ---- endpoints ----
     def search(self, body: dict[str, Any]) -> dict[str, Any]:
+        self._thread_setup()
         t0 = time.perf_counter()
         k = body.get("k", 10)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.config.max_k:
-            raise RequestError(400, f"k: expected an integer in [1, {self.config.max_k}], got {k!r}")
+            raise RequestError(400, f"k: expected an integer in [1, {self.config.max_k}], got {str(k)[:40]}")
         modality = body.get("modality") or None
         known = self.index.info.get("modalities", [])
         if modality is not None and modality not in known:
-            raise RequestError(400, f"modality: expected one of {', '.join(map(repr, known))} or null, got {modality!r}")
+            raise RequestError(400, f"modality: expected one of {', '.join(map(repr, known))} or null, "
+                                    f"got {str(modality)[:40]!r}")
         vector, _ = self._embed(self.parse_parts(body))
-        hits = self.index.search(vector, k=k, modality=modality)
+        # a vector that is not finite (an index from before NaN checks) has no meaningful score
+        hits = [h for h in self.index.search(vector, k=k, modality=modality) if np.isfinite(h["score"])]
         for h in hits:
             h["display_name"] = self._display(h["name"])
             if h["name"] == h["path"]:  # the item is a whole file (not a line of a text file): servable
@@ -230,16 +343,18 @@ class SearchService:
         return {"results": hits, "took_ms": (time.perf_counter() - t0) * 1000}
 
     def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        self._thread_setup()
         composed, singles = self._embed(self.parse_parts(body), each=True)
         return {"dim": int(composed.shape[0]), "composed": composed.tolist(), "embeddings": [s.tolist() for s in singles]}
 
     def zero_shot(self, body: dict[str, Any]) -> dict[str, Any]:
         """Ranked labels of one uploaded file (or text): the model's zero-shot classifier of the labels."""
+        self._thread_setup()
         t0 = time.perf_counter()
         labels = self._zero_shot_labels(body.get("labels"))
         k = body.get("k", len(labels))
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise RequestError(400, f"k: expected a positive integer, got {k!r}")
+            raise RequestError(400, f"k: expected a positive integer, got {str(k)[:40]}")
         raw = body.get("parts")
         if not isinstance(raw, list) or len(raw) != 1:
             raise RequestError(400, 'give "parts": a list of exactly one part (the file or text to classify)')
@@ -249,9 +364,10 @@ class SearchService:
         parts = self.parse_parts({"parts": [part]})
         modality = parts[0][0].modality
         vector, _ = self._embed(parts)
-        with self.model_lock:
-            classifier = self._classifier(labels, modality)
+        classifier = self._classifier(labels, modality)
         probs = classifier(vector[None])  # (1, C) from the (D,) unit-norm embedding
+        if not bool(np.isfinite(np.asarray(probs)).all()):
+            raise RequestError(422, "labels: the classifier gave non-finite probabilities for this input")
         top = classifier.top_k(probs, k)[0]
         return {"modality": modality, "labels": labels, "took_ms": (time.perf_counter() - t0) * 1000,
                 "results": [{"label": label, "prob": p} for label, p in top]}
@@ -283,18 +399,24 @@ class SearchService:
         return kind[0] if kind else None
 
     def _classifier(self, labels: list[str], modality: str):
-        """The cached classifier of these labels for this modality (built once; call under model_lock)."""
+        """The cached classifier of these labels for this modality (its label embeddings computed once,
+        on the model thread)."""
         from ..zero_shot import build_zero_shot_classifier
 
         key = (tuple(labels), modality)
-        if key not in self.classifiers:
-            try:
-                self.classifiers[key] = build_zero_shot_classifier(self.model, labels, modality=modality)
-            except ValueError as e:  # e.g. a label's tokens outside a toy model's vocabulary
-                raise RequestError(422, f"labels: {e}") from None
+        with self._classifiers_lock:
+            found = self.classifiers.get(key)
+        if found is not None:
+            return found
+        try:
+            built = self._wait(self.worker.call(lambda: build_zero_shot_classifier(self.model, labels, modality=modality)))
+        except ValueError as e:  # e.g. a label's tokens outside a toy model's vocabulary
+            raise RequestError(422, f"labels: {e}") from None
+        with self._classifiers_lock:
+            self.classifiers[key] = built
             while len(self.classifiers) > self.config.classifier_cache:
                 self.classifiers.pop(next(iter(self.classifiers)))
-        return self.classifiers[key]
+        return built
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "items": sum(self.index.stats()["searchable"].values()),
@@ -328,124 +450,10 @@ class SearchService:
         return name[len(root) + 1:] if name.startswith(root + os.sep) else name
 
 
-class Handler(BaseHTTPRequestHandler):
-    """The routes of the module docstring over `service` (bound by make_handler)."""
-
-    service: SearchService
-    page: bytes
-
-    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse their connection
-    # headers and body go out in two writes; with Nagle on, the body waits for the client's
-    # delayed ACK of the headers (~40 ms per request on loopback)
-    disable_nagle_algorithm = True
-    server_version = "onepeace"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        if self.service.config.log_requests:
-            super().log_message(format, *args)
-
-    def _send(self, status: int, body: bytes, content_type: str, cache: bool = False) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        if cache:
-            self.send_header("Cache-Control", "max-age=3600")
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json")
-
-    def _guard(self, fn) -> None:
-        try:
-            fn()
-        except RequestError as e:
-            self._json(e.status, {"error": str(e)})
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        except Exception as e:  # a bug, not the client's fault: report it and keep serving
-            traceback.print_exc(file=sys.stderr)
-            self._json(500, {"error": f"internal error: {type(e).__name__}: {e}"})
-
-    def _item_id(self, raw: str) -> int:
-        if not raw.isdigit():
-            raise RequestError(404, f"bad item id {raw!r}")
-        return int(raw)
-
-    def do_GET(self) -> None:
-        self._guard(self._get)
-
-    do_HEAD = do_GET
-
-    def _get(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path in ("/", "/index.html"):
-            self._send(200, self.page, "text/html; charset=utf-8")
-        elif path == "/api/health":
-            self._json(200, self.service.health())
-        elif path == "/api/stats":
-            self._json(200, self.service.index.stats())
-        elif path.startswith("/api/item/"):
-            pieces = path.split("/")  # ['', 'api', 'item', ID, 'file' | 'thumb']
-            if len(pieces) != 5 or pieces[4] not in ("file", "thumb"):
-                raise RequestError(404, f"no such resource {path}")
-            item_id = self._item_id(pieces[3])
-            if pieces[4] == "thumb":
-                self._send(200, self.service.thumbnail(item_id), "image/png", cache=True)
-            else:
-                f = self.service.item_file(item_id)
-                ctype = mimetypes.guess_type(f.name)[0] or "application/octet-stream"
-                self._send(200, f.read_bytes(), ctype, cache=True)
-        else:
-            raise RequestError(404, f"no such resource {path}")
-
-    def do_POST(self) -> None:
-        self._guard(self._post)
-
-    def _post(self) -> None:
-        path = self.path.split("?", 1)[0]
-        routes = {"/api/search": self.service.search, "/api/embed": self.service.embed,
-                  "/api/zero-shot": self.service.zero_shot}
-        if path not in routes:
-            known = path in ("/", "/index.html", "/api/health", "/api/stats")
-            raise RequestError(405 if known else 404,
-                               f"no POST endpoint {path} (POST /api/search, /api/embed or /api/zero-shot)")
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            raise RequestError(411, "a Content-Length header is required")
-        limit = self.service.config.max_parts * (self.service.config.max_upload_bytes * 4 // 3 + 4096)
-        if int(length) > limit:
-            self.close_connection = True  # the body stays unread
-            raise RequestError(413, f"request body of {int(length)} bytes is too large (limit {limit})")
-        raw = self.rfile.read(int(length))
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(400, f"the request body is not valid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise RequestError(400, "the request body must be a JSON object")
-        self._json(200, routes[path](body))
-
-
-def make_handler(service: SearchService) -> type[Handler]:
-    """A Handler class bound to `service` (http.server makes one handler instance per request)."""
-    return type("BoundHandler", (Handler,), {"service": service, "page": PAGE.read_bytes()})
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # listen backlog (socketserver's default 5 refuses bursts of new clients)
-
-
-def make_server(index: SearchIndex, model, config: ServeConfig = ServeConfig()) -> ThreadingHTTPServer:
-    """A ready (bound, not yet serving) server; port 0 picks a free port (server.server_address)."""
-    server = _Server((config.host, config.port), make_handler(SearchService(index, model, config)))
-    return server
+def _remove_temp(parts: list[tuple[QueryPart, str | None]]) -> None:
+    for _, tmp in parts:
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def demo_index(model_path: Path = DEMO_MODEL, progress: bool = True) -> Path:
@@ -467,33 +475,3 @@ def demo_index(model_path: Path = DEMO_MODEL, progress: bool = True) -> Path:
     report = build_index(data, out, model, model_path, progress=progress)
     print(f"{out}: {report.summary()}", file=sys.stderr)
     return out
-
-
-def serve(index_path: str | os.PathLike | None = None, model_path: str | os.PathLike | None = None,
-          config: ServeConfig = ServeConfig(), device: str = "cpu", bpe_dir: str | None = None) -> int:
-    """Serve until interrupted (Ctrl-C). No index: the demo (see :func:`demo_index`)."""
-    import onepeace
-
-    if index_path is None:
-        index_path = demo_index(Path(model_path) if model_path else DEMO_MODEL)
-    index = SearchIndex(index_path)
-    model = onepeace.load(index.query_model_path(model_path), device=device)
-    if bpe_dir:
-        model.tokenizer = onepeace.get_tokenizer(bpe_dir)
-    if config.torch_threads > 0:
-        import torch
-
-        torch.set_num_threads(config.torch_threads)
-    server = make_server(index, model, config)
-    host, port = server.server_address[:2]
-    stats = index.stats()
-    print(f"serving {index_path} ({', '.join(f'{n} {m}' for m, n in stats['searchable'].items())}) "
-          f"on http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        index.close()
-    return 0
