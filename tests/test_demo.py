@@ -158,3 +158,32 @@ def test_demo_finetune_tabulates_zero_shot_probe_and_finetuned(demo, tmp_path):
     # the same model, test images and prompts as the demo's own evaluation
     assert abs(table[0][1] - json.loads((out / "metrics.json").read_text())["image_zero_shot_top1"]) < 1e-6
     assert "linear probe" in result.stdout
+
+
+def test_recorded_voice_reaches_the_model_through_the_fake_microphone(demo):
+    """Held-out-engine clips played into Chromium's fake microphone, recorded by the serve page's Record
+    button and searched: the page uploads what the microphone heard (the clip's loudness envelope,
+    at least its length) and the search answers with one of the 20 concepts. The hit rate is printed;
+    the quick model's audio is near chance (the note gives the default model's)."""
+    from pathlib import Path
+
+    import soundfile as sf
+
+    from conftest import require_module
+    from onepeace.demo.microphone import CHROMIUM, microphone_hit_rate
+
+    require_module("playwright.sync_api", "browser-test")
+    require_module("faiss", "serve")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (or set ONEPEACE_CHROMIUM)")
+    out, _, data = demo
+    concepts = json.loads((data / "concepts.json").read_text())["concepts"]
+    result = microphone_hit_rate(out / "model", data, clips=3, bpe_dir=str(BPE_DIR))
+    print(f"quick model, recorded held-out-engine clips: {result['hits']}/{result['clips']} concepts right, "
+          f"{result['found_itself']} found their own clip first")
+    assert result["clips"] == 3
+    for row in result["rows"]:
+        assert row["voice"].startswith("festival:"), row  # the held-out engine
+        assert row["recorded_seconds"] >= sf.info(row["audio"]).duration, row
+        assert row["envelope_correlation"] > 0.8 and row["recorded_rms"] > 1e-3, row
+        assert row["got"] in concepts, row

@@ -19,6 +19,8 @@ def register(sub, flags: Flags) -> None:
                    help="the seeded ablation instead: both arms for each training seed (e.g. 0,1,2), mean and "
                         "spread per arm in OUT/ablation.md (default OUT: runs/demo-ablation)")
     p.add_argument("--seed", type=int, default=0, help="the training seed (the data split is fixed)")
+    p.add_argument("--augment", action="store_true",
+                   help="augment the audio in stage 2 (speed/pitch, reverb, band-limit, noise, gain, masking)")
     p.set_defaults(func=cmd_demo)
     for name, func, what in (
             ("demo-finetune", cmd_demo_finetune, "zero-shot vs linear probe vs fine-tuned accuracy on the demo data"),
@@ -37,7 +39,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _seeded_ablation(args)
     print(expected_minutes(args.quick, args.ablation), flush=True)
     try:
-        metrics = run_demo(args.out, quick=args.quick, seed=args.seed, ablation=args.ablation, bpe_dir=args.bpe_dir)
+        metrics = run_demo(args.out, quick=args.quick, seed=args.seed, ablation=args.ablation, bpe_dir=args.bpe_dir,
+                           settings=_settings(args))
     except RuntimeError as e:
         print(f"onepeace demo: {e}", file=sys.stderr)
         return 2
@@ -50,6 +53,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"{'minutes':<40} {metrics['minutes']:>8.1f}")
     print(f"report: {Path(args.out) / 'report.md'}; model: {Path(args.out) / 'model'}")
     return 0
+
+
+def _settings(args: argparse.Namespace):
+    import dataclasses
+
+    from ..demo.run import DemoSettings
+
+    base = DemoSettings.quick() if args.quick else DemoSettings()
+    return dataclasses.replace(base, audio_augment=args.augment)
 
 
 def _seeded_ablation(args: argparse.Namespace) -> int:
@@ -65,7 +77,7 @@ def _seeded_ablation(args: argparse.Namespace) -> int:
         return 2
     out = args.out if args.out != "runs/demo" else "runs/demo-ablation"
     try:
-        result = run_ablation(out, seeds=seeds, quick=args.quick, bpe_dir=args.bpe_dir)
+        result = run_ablation(out, seeds=seeds, quick=args.quick, bpe_dir=args.bpe_dir, settings=_settings(args))
     except RuntimeError as e:
         print(f"onepeace demo: {e}", file=sys.stderr)
         return 2
