@@ -2,8 +2,9 @@
 
 Stage 1 aligns images with text, stage 2 aligns audio with text (the shared encoder frozen, as in
 the paper). Audio is never paired with an image, so audio -> image retrieval measures the
-*emergent* alignment through the shared space. An ablation with the aligning contrast only (no
-denoising contrast) runs on the same steps and data.
+*emergent* alignment through the shared space. `ablation=True` also trains the aligning contrast
+alone (no denoising contrast) on the same steps and data, once; the seeded comparison of the two
+arms is :mod:`onepeace.demo.ablation` (`onepeace demo --seeds 0,1,2`).
 """
 from __future__ import annotations
 
