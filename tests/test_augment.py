@@ -59,8 +59,20 @@ def test_room_impulse_response_decays_by_its_rt60():
     assert 20 * np.log10(early / late) > 35  # ~60 dB per 0.4 s: about 50 dB over 0.34 s
 
 
+def test_silence_is_padded_around_the_speech():
+    wave = tone(300, 0.5)
+    out = A.pad_silence(wave, 0.25, 0.1, SR)
+    assert len(out) == int(0.85 * SR) and not out[: int(0.25 * SR)].any() and not out[-int(0.1 * SR):].any()
+    assert np.array_equal(out[int(0.25 * SR):int(0.75 * SR)], wave)
+    only_pad = A.WaveformAugment(A.AudioAugmentConfig(speed_p=0, pitch_p=0, reverb_p=0, band_p=0, noise_p=0,
+                                                      mask_p=0, pad_p=1, pad_seconds=(0.2, 0.4), gain_db_range=(0, 0)))
+    padded = only_pad(wave, np.random.default_rng(1))
+    assert int(0.9 * SR) <= len(padded) <= int(1.3 * SR) and not padded[: int(0.2 * SR)].any()
+
+
 def test_augment_is_a_function_of_the_generator_and_stays_bounded():
-    aug = A.WaveformAugment(A.AudioAugmentConfig(speed_p=1, pitch_p=1, reverb_p=1, band_p=1, noise_p=1, mask_p=1))
+    aug = A.WaveformAugment(A.AudioAugmentConfig(speed_p=1, pitch_p=1, reverb_p=1, band_p=1, noise_p=1, mask_p=1,
+                                                 pad_p=1))
     wave = tone(300)
     a = aug(wave, np.random.default_rng(5))
     b = aug(wave, np.random.default_rng(5))
