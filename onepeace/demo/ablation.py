@@ -8,6 +8,7 @@ error (Welch: sqrt(sd_a^2/n_a + sd_b^2/n_b)).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -70,9 +71,10 @@ def run_ablation(out_dir: str | Path = "runs/demo-ablation", seeds: Sequence[int
     done = out / "runs.jsonl"  # one line per finished (seed, arm): a rerun skips those
     finished = {(r["seed"], r["arm"]): r for r in map(json.loads, done.read_text().splitlines())} \
         if done.exists() else {}
+    settings_dict = dataclasses.asdict(settings)  # a finished run counts only with the same settings
     for seed in seeds:
         for arm in ARMS:
-            if (seed, arm) in finished and finished[(seed, arm)]["settings"] == _settings_dict(settings):
+            if (seed, arm) in finished and finished[(seed, arm)]["settings"] == settings_dict:
                 runs.append(finished[(seed, arm)])
                 eta.arm += 1
                 continue
@@ -82,7 +84,7 @@ def run_ablation(out_dir: str | Path = "runs/demo-ablation", seeds: Sequence[int
             model.tokenizer = tokenizer
             summary, _ = evaluate_arm(model, data, concepts)
             row = {"seed": seed, "arm": arm, "metrics": summary, "seconds": time.time() - t,
-                   "settings": _settings_dict(settings)}
+                   "settings": settings_dict}
             runs.append(row)
             with open(done, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -91,12 +93,6 @@ def run_ablation(out_dir: str | Path = "runs/demo-ablation", seeds: Sequence[int
     (out / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
     write_ablation_report(out, result)
     return result
-
-
-def _settings_dict(settings: DemoSettings) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(settings)
 
 
 def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -14,36 +14,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 CHROMIUM = os.environ.get("ONEPEACE_CHROMIUM", "/usr/bin/chromium")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"onepeace serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/api/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"onepeace serve did not answer at {url} within {timeout:.0f} s")
+def _start_server(index: Path, model_dir: str | Path, bpe_dir: str | None) -> tuple[subprocess.Popen, str]:
+    """`onepeace serve INDEX --port 0`: the server binds a free port and prints its URL first."""
+    cmd = [sys.executable, "-m", "onepeace", "serve", str(index), "--model", str(model_dir), "--port", "0"]
+    log = tempfile.TemporaryFile()  # not a pipe: a chatty server must never block on it
+    server = subprocess.Popen(cmd + (["--bpe-dir", bpe_dir] if bpe_dir else []), stdout=subprocess.PIPE,
+                              stderr=log, text=True)
+    line = server.stdout.readline()
+    if " on http://" not in line:
+        server.kill()
+        log.seek(0)
+        raise RuntimeError(f"onepeace serve did not start: {line}{log.read().decode()[-2000:]}")
+    return server, line.split(" on ")[1].split("/ ")[0]
 
 
 def concept_index(model_dir: str | Path, concepts: dict, folder: Path, clips: Sequence[str | Path] = (),
@@ -129,13 +120,8 @@ def microphone_hit_rate(model_dir: str | Path, data: str | Path, clips: int = 20
     entries = _spread_over_concepts(read_manifest(data / manifest), concepts["concepts"], clips)
     with tempfile.TemporaryDirectory() as tmp:
         index = concept_index(model_dir, concepts, Path(tmp), [e["audio"] for e in entries], bpe_dir)
-        port = _free_port()
-        cmd = [sys.executable, "-m", "onepeace", "serve", str(index), "--model", str(model_dir), "--port", str(port)]
-        server = subprocess.Popen(cmd + (["--bpe-dir", bpe_dir] if bpe_dir else []), stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True)
+        server, url = _start_server(index, model_dir, bpe_dir)
         try:
-            url = f"http://127.0.0.1:{port}"
-            _wait_for(url, server)
             rows = []
             for entry in entries:
                 seconds = sf.info(entry["audio"]).duration + 0.6
