@@ -161,10 +161,11 @@ def test_demo_finetune_tabulates_zero_shot_probe_and_finetuned(demo, tmp_path):
 
 
 def test_recorded_voice_reaches_the_model_through_the_fake_microphone(demo):
-    """Held-out-engine clips played into Chromium's fake microphone, recorded by the serve page's Record
-    button and searched: the page uploads what the microphone heard (the clip's loudness envelope,
-    at least its length) and the search answers with one of the 20 concepts. The hit rate is printed;
-    the quick model's audio is near chance (the note gives the default model's)."""
+    """Held-out-engine recordings of the words alone (festival: an engine never heard in training)
+    played into Chromium's fake microphone, recorded by the serve page's Record button (silent ends
+    trimmed in the page) and searched against the 20 concepts: the page uploads what the microphone
+    heard, and the quick model finds the spoken concept far more often than chance (1 in 20)."""
+    from math import comb
     from pathlib import Path
 
     import soundfile as sf
@@ -178,12 +179,18 @@ def test_recorded_voice_reaches_the_model_through_the_fake_microphone(demo):
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (or set ONEPEACE_CHROMIUM)")
     out, _, data = demo
     concepts = json.loads((data / "concepts.json").read_text())["concepts"]
-    result = microphone_hit_rate(out / "model", data, clips=3, bpe_dir=str(BPE_DIR))
-    print(f"quick model, recorded held-out-engine clips: {result['hits']}/{result['clips']} concepts right, "
-          f"{result['found_itself']} found their own clip first")
-    assert result["clips"] == 3
+    n = 40  # both festival voices of the quick build, every word
+    result = microphone_hit_rate(out / "model", data, clips=n, manifest="test_al_engine_words.jsonl",
+                                 bpe_dir=str(BPE_DIR))
+    hits = result["hits"]
+    # the chance of at least `hits` right answers out of n when guessing 1 of 20
+    p_chance = sum(comb(n, k) * 0.05 ** k * 0.95 ** (n - k) for k in range(hits, n + 1))
+    print(f"quick model, recorded held-out-engine words: {hits}/{n} concepts right (chance 2/{n}; "
+          f"p = {p_chance:.1e} by guessing), {result['found_itself']} found their own clip first")
+    assert result["clips"] == n
     for row in result["rows"]:
         assert row["voice"].startswith("festival:"), row  # the held-out engine
-        assert row["recorded_seconds"] >= sf.info(row["audio"]).duration, row
-        assert row["envelope_correlation"] > 0.8 and row["recorded_rms"] > 1e-3, row
+        assert row["recorded_seconds"] >= 0.5 * sf.info(row["audio"]).duration, row
+        assert row["envelope_correlation"] > 0.7 and row["recorded_rms"] > 1e-3, row
         assert row["got"] in concepts, row
+    assert hits >= 6, f"{hits}/{n}: not above chance (6/40 has p = 0.014 by guessing)"

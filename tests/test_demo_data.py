@@ -18,12 +18,15 @@ from onepeace.data.image import load_image
 from onepeace.demo import data as demo
 from onepeace.demo.data import build_demo_data, check_requirements
 
-MANIFESTS = ("train_vl.jsonl", "test_vl.jsonl", "train_al.jsonl", "test_al.jsonl", "test_al_engine.jsonl")
+MANIFESTS = ("train_vl.jsonl", "test_vl.jsonl", "train_al.jsonl", "test_al.jsonl", "test_al_engine.jsonl",
+             "test_al_words.jsonl", "test_al_engine_words.jsonl")
+WORD_VOICES = 4  # the quick build's words come from every training voice (~1,900 clips); 4 test the same code
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    return build_demo_data(tmp_path_factory.mktemp("demo") / "quick", quick=True, progress=False)
+    return build_demo_data(tmp_path_factory.mktemp("demo") / "quick", quick=True, progress=False,
+                           word_voices=WORD_VOICES)
 
 
 def lines(root: Path, name: str) -> list[dict]:
@@ -113,7 +116,7 @@ def test_voices_split(built):
     voices = json.loads((built / "voices.json").read_text())
     train, heldout = set(voices["train"]), set(voices["heldout"])
     assert train and heldout and not train & heldout
-    train_al = read_manifest(built / "train_al.jsonl")
+    train_al = [e for e in read_manifest(built / "train_al.jsonl") if e["kind"] == "caption"]
     test_al = read_manifest(built / "test_al.jsonl")
     assert {e["voice"] for e in train_al} == train
     assert {e["voice"] for e in test_al} == heldout
@@ -139,6 +142,25 @@ def test_heldout_engine_split(built):
         assert 0.3 < len(wave) / 16_000 < 6.0 and float(np.sqrt(np.mean(wave ** 2))) > 1e-3, entry["audio"]
 
 
+def test_spoken_words_split(built):
+    """The words alone: training lines from `word_voices` training voices (text = the word), and one
+    clip per concept for every held-out voice and every held-out-engine voice."""
+    voices = json.loads((built / "voices.json").read_text())
+    words = [e for e in read_manifest(built / "train_al.jsonl") if e["kind"] == "word"]
+    assert len(words) == WORD_VOICES * 20 and len({e["voice"] for e in words}) == WORD_VOICES
+    assert {e["voice"] for e in words} <= {v.id for v in demo.TRAIN_VOICES}
+    assert all(e["text"] == e["label"] and e["template"] == -1 and e["audio"].endswith("-word.wav") for e in words)
+    for name, held in (("test_al_words.jsonl", voices["heldout"]), ("test_al_engine_words.jsonl", voices["heldout_engine"])):
+        test = read_manifest(built / name)
+        assert {e["voice"] for e in test} == set(held) and len(test) == 20 * len(held), name
+        assert Counter(e["label"] for e in test) == Counter({c: len(held) for c in demo.CONCEPTS}), name
+        assert all(e["kind"] == "word" and e["text"] == e["label"] for e in test), name
+        assert not {e["voice"] for e in test} & {e["voice"] for e in words}, name
+        for entry in test[:5]:
+            wave = load_audio(entry["audio"], 16_000)
+            assert 0.1 < len(wave) / 16_000 < 3.0 and float(np.sqrt(np.mean(wave ** 2))) > 1e-3, entry["audio"]
+
+
 def test_fixed_voice_list():
     train = {v.id for v in demo.TRAIN_VOICES}
     heldout = {v.id for v in demo.HELDOUT_VOICES}
@@ -158,7 +180,7 @@ def test_fixed_voice_list():
 def test_cache_hit_is_immediate(built):
     info_before = (built / "manifest_info.json").read_text()
     start = time.perf_counter()
-    again = build_demo_data(built, quick=True, progress=False)
+    again = build_demo_data(built, quick=True, progress=False, word_voices=WORD_VOICES)
     assert time.perf_counter() - start < 1.0
     assert again == built
     assert (built / "manifest_info.json").read_text() == info_before
@@ -168,7 +190,7 @@ def test_rebuild_on_new_sizes_then_deterministic(built, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(built, root)
     (root / "stale.txt").write_text("from the old build")
-    out = build_demo_data(root, quick=True, progress=False, images_per_class_test=5)
+    out = build_demo_data(root, quick=True, progress=False, images_per_class_test=5, word_voices=WORD_VOICES)
     assert out == root
     assert not (root / "stale.txt").exists()  # old contents were removed
     info = json.loads((root / "manifest_info.json").read_text())
@@ -176,7 +198,7 @@ def test_rebuild_on_new_sizes_then_deterministic(built, tmp_path):
     assert set(Counter(e["label"] for e in lines(root, "test_vl.jsonl")).values()) == {5}
     assert not list(tmp_path.glob(".copy.partial-*"))  # no temporary folder left behind
     # back to the original sizes: a rebuild with the same seed reproduces the manifests exactly
-    build_demo_data(root, quick=True, progress=False)
+    build_demo_data(root, quick=True, progress=False, word_voices=WORD_VOICES)
     for name in (*MANIFESTS, "concepts.json", "voices.json"):
         assert (root / name).read_text() == (built / name).read_text(), name
 

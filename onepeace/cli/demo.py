@@ -21,6 +21,9 @@ def register(sub, flags: Flags) -> None:
     p.add_argument("--seed", type=int, default=0, help="the training seed (the data split is fixed)")
     p.add_argument("--augment", action="store_true",
                    help="augment the audio in stage 2 (speed/pitch, reverb, band-limit, noise, gain, masking)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads (default: follow the machine's load, fewer when other jobs hold the "
+                        "cores; OMP_NUM_THREADS, if set, is kept)")
     p.set_defaults(func=cmd_demo)
     for name, func, what in (
             ("demo-finetune", cmd_demo_finetune, "zero-shot vs linear probe vs fine-tuned accuracy on the demo data"),
@@ -40,17 +43,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(expected_minutes(args.quick, args.ablation), flush=True)
     try:
         metrics = run_demo(args.out, quick=args.quick, seed=args.seed, ablation=args.ablation, bpe_dir=args.bpe_dir,
-                           settings=_settings(args))
+                           settings=_settings(args), threads=args.threads)
     except RuntimeError as e:
         print(f"onepeace demo: {e}", file=sys.stderr)
         return 2
     keys = ["image_zero_shot_top1", "audio_zero_shot_top1_heldout_voices", "audio_zero_shot_top1_heldout_engine",
+            "audio_zero_shot_top1_word_heldout_voices", "audio_zero_shot_top1_word_heldout_engine",
             "audio_to_image_r1", "image_to_text_r1", "audio_to_text_r1"]
     abl = metrics.get("ablation_no_dcl", {})
-    print(f"{'metric':<40} {'ITC+DCL':>8} {'no DCL':>8}")
+    print(f"{'metric':<45} {'ITC+DCL':>8} {'no DCL':>8}")
     for k in keys:
-        print(f"{k:<40} {metrics[k]:>8.3f} {abl.get(k, float('nan')):>8.3f}")
-    print(f"{'minutes':<40} {metrics['minutes']:>8.1f}")
+        print(f"{k:<45} {metrics.get(k, float('nan')):>8.3f} {abl.get(k, float('nan')):>8.3f}")
+    print(f"{'minutes':<45} {metrics['minutes']:>8.1f}")
     print(f"report: {Path(args.out) / 'report.md'}; model: {Path(args.out) / 'model'}")
     return 0
 
@@ -77,7 +81,8 @@ def _seeded_ablation(args: argparse.Namespace) -> int:
         return 2
     out = args.out if args.out != "runs/demo" else "runs/demo-ablation"
     try:
-        result = run_ablation(out, seeds=seeds, quick=args.quick, bpe_dir=args.bpe_dir, settings=_settings(args))
+        result = run_ablation(out, seeds=seeds, quick=args.quick, bpe_dir=args.bpe_dir, settings=_settings(args),
+                              threads=args.threads)
     except RuntimeError as e:
         print(f"onepeace demo: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .run import DemoSettings, Eta, _prepare, evaluate_arm, train_arm
+from .run import DemoSettings, Eta, _prepare, compute_threads, evaluate_arm, train_arm
 
 ARMS = {"dcl": "ITC/ATC + DCL", "no_dcl": "contrast only"}
 #: The metrics the ablation compares, in report order, with their labels.
@@ -27,6 +27,8 @@ METRICS = {
     "audio_zero_shot_top1_heldout_engine": "audio zero-shot top-1, held-out engine (festival)",
     "audio_to_image_r1": "audio -> image R@1 (emergent), held-out voices",
     "audio_to_image_r1_heldout_engine": "audio -> image R@1 (emergent), held-out engine",
+    "audio_zero_shot_top1_word_heldout_voices": "spoken word alone: audio zero-shot top-1, held-out voices",
+    "audio_zero_shot_top1_word_heldout_engine": "spoken word alone: audio zero-shot top-1, held-out engine",
     "image_to_text_r1": "image -> text R@1",
     "audio_to_text_r1": "audio -> text R@1",
 }
@@ -55,8 +57,9 @@ def compare(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
 
 def run_ablation(out_dir: str | Path = "runs/demo-ablation", seeds: Sequence[int] = (0, 1, 2), quick: bool = False,
                  bpe_dir: str | None = None, data_root: str | Path | None = None,
-                 settings: DemoSettings | None = None) -> dict[str, Any]:
-    """Train and evaluate both arms for every seed; write ablation.json, ablation.md and a figure."""
+                 settings: DemoSettings | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Train and evaluate both arms for every seed; write ablation.json, ablation.md and a figure.
+    ``threads``: the compute threads (None: follow the machine's load, `run.compute_threads`)."""
     import onepeace
 
     from .data import build_demo_data
@@ -67,6 +70,7 @@ def run_ablation(out_dir: str | Path = "runs/demo-ablation", seeds: Sequence[int
     concepts = json.loads((data / "concepts.json").read_text())
     tokenizer = onepeace.get_tokenizer(bpe_dir)
     eta = Eta(settings, arms=2 * len(seeds))
+    follow = compute_threads(threads)
     runs: list[dict[str, Any]] = []
     done = out / "runs.jsonl"  # one line per finished (seed, arm): a rerun skips those
     finished = {(r["seed"], r["arm"]): r for r in map(json.loads, done.read_text().splitlines())} \
@@ -80,7 +84,8 @@ def run_ablation(out_dir: str | Path = "runs/demo-ablation", seeds: Sequence[int
                 continue
             t = time.time()
             shutil.rmtree(out / f"seed{seed}" / arm, ignore_errors=True)  # an interrupted run's leftovers
-            model = onepeace.load(train_arm(out / f"seed{seed}" / arm, data, settings, arm == "dcl", bpe_dir, seed, eta))
+            model = onepeace.load(train_arm(out / f"seed{seed}" / arm, data, settings, arm == "dcl", bpe_dir, seed, eta,
+                                           follow))
             model.tokenizer = tokenizer
             summary, _ = evaluate_arm(model, data, concepts)
             row = {"seed": seed, "arm": arm, "metrics": summary, "seconds": time.time() - t,

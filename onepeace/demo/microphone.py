@@ -2,7 +2,8 @@
 by the `onepeace serve` page's Record button, and searched against the 20 concepts' captions.
 
 This is the path a user takes who presses Record and says "dog": MediaRecorder (Opus in WebM) ->
-decoded in the page -> 16-bit WAV upload -> the server's audio transform -> the model. The clip
+decoded in the page -> silent ends trimmed -> 16-bit WAV upload -> the server's audio transform ->
+the model. By default the clips are held-out-engine (festival) recordings of the words alone. The clip
 replaces the speaker and the microphone; everything after the microphone is the real thing.
 
     python -m onepeace.demo.microphone runs/demo/model --clips 40
@@ -108,8 +109,8 @@ def _concept_of(text: str, concepts: dict) -> str | None:
     return None
 
 
-def microphone_hit_rate(model_dir: str | Path, data: str | Path, clips: int = 20, manifest: str = "test_al_engine.jsonl",
-                        bpe_dir: str | None = None, log=print) -> dict[str, Any]:
+def microphone_hit_rate(model_dir: str | Path, data: str | Path, clips: int = 20,
+                        manifest: str = "test_al_engine_words.jsonl", bpe_dir: str | None = None, log=print) -> dict[str, Any]:
     """Top-1 concept hit rate of recordings of ``clips`` held-out clips (spread over the concepts)."""
     import soundfile as sf
 
@@ -161,7 +162,8 @@ def recording_match(wav: bytes, clip: str | Path) -> dict[str, float]:
         return (e - e.mean()) / (e.std() + 1e-9)
 
     a, b = envelope(rec16), envelope(ref16)
-    corr = np.correlate(a, b, mode="full") / max(1, len(b)) if len(a) and len(b) else np.zeros(1)
+    # over the shorter of the two: the page trims the recording's silent ends, so it can be the shorter
+    corr = np.correlate(a, b, mode="full") / max(1, min(len(a), len(b))) if len(a) and len(b) else np.zeros(1)
     return {"recorded_seconds": len(rec16) / 16_000, "recorded_rms": float(np.sqrt(np.mean(rec16 ** 2))),
             "envelope_correlation": float(corr.max())}
 
@@ -184,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="a model folder, e.g. runs/demo/model")
     parser.add_argument("--data", default=None, help="the demo data folder (default: the cached full build)")
     parser.add_argument("--clips", type=int, default=20)
-    parser.add_argument("--manifest", default="test_al_engine.jsonl", help="test_al_engine.jsonl or test_al.jsonl")
+    parser.add_argument("--manifest", default="test_al_engine_words.jsonl",
+                        help="which held-out clips: test_al_engine_words.jsonl (the words alone, default), "
+                             "test_al_words.jsonl, test_al_engine.jsonl or test_al.jsonl (spoken captions)")
     args = parser.parse_args(argv)
     result = microphone_hit_rate(args.model, args.data or default_root(), args.clips, args.manifest)
     print(f"hit rate {result['hits']}/{result['clips']} = {result['hit_rate']:.2f} (chance {result['chance']:.2f}); "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -48,12 +49,15 @@ class DemoSettings:
     audio_augment: bool = False
     dcl_weight_scale: float = 1.0  # the denoising terms' weights x this (1.0: the paper's)
     stage2_lr: float | None = None  # stage 2's peak learning rate (None: lr)
+    stage2_warmup_steps: int | None = None  # stage 2's warm-up (None: warmup_steps)
 
     @classmethod
     def quick(cls) -> "DemoSettings":
+        # stage 2: 300 steps. With 40 its audio was at chance; with 300 on the spoken words of every
+        # training voice it reached 0.53 top-1 on held-out voices and 0.30 on the held-out engine
         return cls(embed_dim=64, ffn_embed_dim=128, layers=2, heads=4, audio_channels=32, image_size=32,
-                   decoder_embed_dim=32, stage1_steps=60, stage2_steps=40, batch_size=40, lr=2e-3, warmup_steps=5,
-                   num_workers=0)
+                   decoder_embed_dim=32, stage1_steps=60, stage2_steps=300, batch_size=40, lr=2e-3, warmup_steps=5,
+                   stage2_warmup_steps=20, num_workers=0)
 
 
 def demo_model_config(s: DemoSettings) -> ModelConfig:
@@ -120,7 +124,9 @@ def _train_stage(out: Path, manifest: Path, settings: DemoSettings, model_dir: P
         decoder_embed_dim=settings.decoder_embed_dim, stage=STAGES[stage],
         loss=LossConfig(weights=demo_loss_weights(task, dcl, settings), same_caption_positives=True),
         audio_augment=AudioAugmentConfig() if settings.audio_augment and task == "al" else None,
-        batch_size=settings.batch_size, steps=steps, warmup_steps=settings.warmup_steps,
+        batch_size=settings.batch_size, steps=steps,
+        warmup_steps=settings.stage2_warmup_steps if stage == "stage2" and settings.stage2_warmup_steps is not None
+        else settings.warmup_steps,
         lr=settings.stage2_lr if stage == "stage2" and settings.stage2_lr is not None else settings.lr,
         weight_decay=0.05, save_every=steps, keep_last=1, log_every=5, num_workers=settings.num_workers,
         seed=seed, bpe_dir=bpe_dir,
@@ -142,27 +148,53 @@ def _train_stage(out: Path, manifest: Path, settings: DemoSettings, model_dir: P
 
 
 def train_arm(prefix: Path, data: Path, settings: DemoSettings, dcl: bool, bpe_dir: str, seed: int,
-              eta: "Eta | None" = None) -> Path:
-    """Both stages (image-text, then audio-text) into ``prefix``; returns the model folder."""
+              eta: "Eta | None" = None, threads: "LoadFollowingThreads | None" = None) -> Path:
+    """Both stages (image-text, then audio-text) into ``prefix``; returns the model folder.
+    ``threads`` (if given) sets the compute threads from the machine's load as the steps go."""
     model_dir = prefix / "model"
+
+    def hooks(stage: str):
+        calls = [h for h in (eta.hook(stage) if eta else None, threads) if h is not None]
+        return (lambda step, metrics: [h(step, metrics) for h in calls]) if calls else None
+
     s1 = _train_stage(prefix / "stage1", data / "train_vl.jsonl", settings, None, None, "stage1", dcl, bpe_dir, seed,
-                      on_step=eta.hook("stage1") if eta else None)
+                      on_step=hooks("stage1"))
     _train_stage(prefix / "stage2", data / "train_al.jsonl", settings, model_dir, str(s1), "stage2", dcl, bpe_dir,
-                 seed, on_step=eta.hook("stage2") if eta else None)
+                 seed, on_step=hooks("stage2"))
     return model_dir
 
 
+def compute_threads(threads: int | None) -> "LoadFollowingThreads | None":
+    """``threads`` fixes the compute threads; None follows the machine's load (`onepeace.train.threads`)
+    unless OMP_NUM_THREADS says how many (then that stays)."""
+    from ..train.threads import LoadFollowingThreads
+
+    if threads is not None:
+        torch.set_num_threads(max(1, int(threads)))
+        return None
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    follow = LoadFollowingThreads()
+    follow.update()
+    return follow
+
+
 def evaluate_arm(model, data: Path, concepts: dict, keep_embeddings: bool = False) -> tuple[dict, dict]:
-    """(the flat summary, eval's full result on held-out images + held-out voices); the summary adds
-    the held-out engine's audio numbers."""
+    """(the flat summary, eval's full result on held-out images + held-out voices' spoken captions);
+    the summary adds the audio numbers of the held-out engine's captions and of the spoken words
+    (held-out voices and engine)."""
     from ..eval.zero_shot import evaluate
 
     result = evaluate(model, [data / "test_vl.jsonl", data / "test_al.jsonl"], concepts=concepts,
                       keep_embeddings=keep_embeddings, progress=keep_embeddings)
     summary = _summarise(result)
-    engine = evaluate(model, [data / "test_vl.jsonl", data / "test_al_engine.jsonl"], concepts=concepts)
-    summary["audio_zero_shot_top1_heldout_engine"] = engine["zero_shot"].get("audio", float("nan"))
-    summary["audio_to_image_r1_heldout_engine"] = engine["retrieval"].get("audio->image", {}).get("r1", float("nan"))
+    for split, suffix in (("test_al_engine", "heldout_engine"), ("test_al_words", "word_heldout_voices"),
+                          ("test_al_engine_words", "word_heldout_engine")):
+        if not (data / f"{split}.jsonl").exists():  # a data folder built before that split existed
+            continue
+        other = evaluate(model, [data / "test_vl.jsonl", data / f"{split}.jsonl"], concepts=concepts)
+        summary[f"audio_zero_shot_top1_{suffix}"] = other["zero_shot"].get("audio", float("nan"))
+        summary[f"audio_to_image_r1_{suffix}"] = other["retrieval"].get("audio->image", {}).get("r1", float("nan"))
     return summary, result
 
 
@@ -237,9 +269,10 @@ def public_api_zero_shot(model, manifest: Path, concepts: dict) -> float:
 
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int = 0, ablation: bool | None = None,
              bpe_dir: str | None = None, data_root: str | Path | None = None,
-             settings: DemoSettings | None = None) -> dict[str, Any]:
+             settings: DemoSettings | None = None, threads: int | None = None) -> dict[str, Any]:
     """Build/cache the data, train both stages (and, with ``ablation``, the contrast-only arm), evaluate,
-    write the report. The data split is fixed (seed 0); ``seed`` seeds the training."""
+    write the report. The data split is fixed (seed 0); ``seed`` seeds the training. ``threads``: the
+    compute threads (None: follow the machine's load, see `compute_threads`)."""
     import onepeace
 
     from .data import build_demo_data
@@ -253,9 +286,12 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
     concepts = json.loads((data / "concepts.json").read_text())
 
     eta = Eta(settings, arms=2 if settings.ablation else 1)
+    follow = compute_threads(threads)
     t = time.time()
-    train_arm(out, data, settings, dcl=True, bpe_dir=bpe_dir, seed=seed, eta=eta)
+    train_arm(out, data, settings, dcl=True, bpe_dir=bpe_dir, seed=seed, eta=eta, threads=follow)
     timings["train_s"] = time.time() - t
+    if follow is not None:
+        follow.update()
     t = time.time()
     model = onepeace.load(out / "model")
     model.tokenizer = onepeace.get_tokenizer(bpe_dir)
@@ -265,14 +301,15 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
     ablation_result = None
     if settings.ablation:
         t = time.time()
-        ablated = onepeace.load(train_arm(out / "ablation", data, settings, False, bpe_dir, seed, eta))
+        ablated = onepeace.load(train_arm(out / "ablation", data, settings, False, bpe_dir, seed, eta, follow))
         ablated.tokenizer = model.tokenizer
         metrics["ablation_no_dcl"], ablation_result = evaluate_arm(ablated, data, concepts)
         timings["ablation_s"] = time.time() - t
         metrics["ablation_no_dcl"]["minutes"] = timings["ablation_s"] / 60
     metrics.update(minutes=(time.time() - started) / 60, timings_s=timings, settings=dataclasses.asdict(settings),
                    quick=quick, seed=seed, retrieval=result["retrieval"], counts=result["counts"],
-                   threads=torch.get_num_threads())
+                   threads=torch.get_num_threads(),
+                   thread_changes=[list(c) for c in follow.changes] if follow is not None else [])
     write_report(out, metrics, result, ablation_result, concepts, data)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
