@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -40,12 +41,13 @@ def _start_server(index: Path, model_dir: str | Path, bpe_dir: str | None) -> tu
 
 def concept_index(model_dir: str | Path, concepts: dict, folder: Path, clips: Sequence[str | Path] = (),
                   bpe_dir: str | None = None) -> Path:
-    """An index of one caption per concept (template 0), what a recording is searched against, and of
-    the ``clips`` themselves (to check that a recording is found as its own source)."""
+    """An index of the 20 concept names ("dog", "seven": what a user says into the microphone), which a
+    recording is searched against, and of the ``clips`` themselves (to check that a recording is found
+    as its own source)."""
     import shutil
 
     (folder / "items" / "clips").mkdir(parents=True, exist_ok=True)
-    lines = [concepts["templates"][c][0] for c in concepts["concepts"]]
+    lines = list(concepts["concepts"])
     (folder / "items" / "concepts.txt").write_text("\n".join(lines) + "\n")
     for k, clip in enumerate(clips):
         shutil.copyfile(clip, folder / "items" / "clips" / f"{k:03d}-{Path(clip).name}")
@@ -103,10 +105,9 @@ def record_and_search(page_url: str, clip: Path, seconds: float, chromium: str =
 
 
 def _concept_of(text: str, concepts: dict) -> str | None:
-    for concept in concepts["concepts"]:
-        if concepts["templates"][concept][0] in text:
-            return concept
-    return None
+    """The concept whose name is the result's text (a result card may add a score or a source line)."""
+    words = set(re.findall(r"[a-z]+", text.lower()))  # the card quotes the text: “dog”
+    return next((c for c in concepts["concepts"] if c in words), None)
 
 
 def microphone_hit_rate(model_dir: str | Path, data: str | Path, clips: int = 20,
