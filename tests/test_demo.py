@@ -190,7 +190,8 @@ def test_recorded_voice_reaches_the_model_through_the_fake_microphone(demo):
     assert result["clips"] == n
     for row in result["rows"]:
         assert row["voice"].startswith("festival:"), row  # the held-out engine
-        assert row["recorded_seconds"] >= 0.5 * sf.info(row["audio"]).duration, row
+        # the page trimmed the recording's silent ends (it recorded the clip + 0.6 s) and kept the word
+        assert 0.5 * sf.info(row["audio"]).duration <= row["recorded_seconds"] < sf.info(row["audio"]).duration + 0.3, row
         assert row["envelope_correlation"] > 0.7 and row["recorded_rms"] > 1e-3, row
         assert row["got"] in concepts, row
     assert hits >= 6, f"{hits}/{n}: not above chance (6/40 has p = 0.014 by guessing)"

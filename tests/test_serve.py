@@ -322,3 +322,37 @@ def test_serve_without_index_uses_the_demo_and_says_how_to_get_it(tmp_path, tiny
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_page_trims_the_silent_ends_of_a_recording():
+    """The page's trimSilence (run in Chromium, taken from page.html): a word between two half-seconds
+    of quiet room noise comes back as the word plus 0.1 s each side; steady noise, silence and a
+    too-short input come back whole."""
+    import re
+
+    sync_api = require_module("playwright.sync_api", "browser-test")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (or set ONEPEACE_CHROMIUM)")
+    page_html = (Path(__file__).resolve().parents[1] / "onepeace" / "serve" / "page.html").read_text()
+    function = re.search(r"^function trimSilence\(x, rate\) \{.*?^\}$", page_html, re.S | re.M).group(0)
+    probe = """(rate) => {
+      let seed = 1; const noise = () => ((seed = (seed * 16807) % 2147483647) / 2147483647 - 0.5) * 2e-3;
+      const make = (parts) => Float32Array.from(parts.flatMap(([sec, amp]) =>
+        Array.from({length: Math.round(sec * rate)}, (_, i) => noise() + amp * Math.sin(i * 0.3))));
+      const word = make([[0.5, 0], [0.4, 0.5], [0.5, 0]]);
+      return {word: trimSilence(word, rate).length / rate, steady: trimSilence(make([[1.0, 0]]), rate).length / rate,
+              zeros: trimSilence(new Float32Array(rate), rate).length / rate,
+              short: trimSilence(Float32Array.from([0.5, 0, 0.5]), rate).length};
+    }"""
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.set_content(f"<script>{function}</script>")
+            got = page.evaluate(probe, 48_000)
+        finally:
+            browser.close()
+    print("trimmed lengths:", got)
+    assert abs(got["word"] - 0.6) <= 0.03, got  # 0.4 s of speech + 0.1 s each side (20 ms frames)
+    assert got["steady"] == 1.0 and got["zeros"] == 1.0 and got["short"] == 3, got
