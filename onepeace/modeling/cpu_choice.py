@@ -333,9 +333,9 @@ def _probe_attention(shape: ProbeShape, gen: torch.Generator, timings: dict) -> 
     return "sdpa"
 
 
-def _probe_threads(current: int, large_call: Callable, timings: dict) -> int:
+def _probe_threads(current: int, large_call: Callable, timings: dict, fixed: bool = False) -> int:
     """torch's current thread count vs the physical cores, on the large FFN (where they differ)."""
-    if any(os.environ.get(k) for k in THREAD_ENV):
+    if fixed or any(os.environ.get(k) for k in THREAD_ENV):
         return current  # the user set the thread count
     cores = physical_cores()
     if cores == current:
@@ -346,8 +346,9 @@ def _probe_threads(current: int, large_call: Callable, timings: dict) -> int:
     return cores if t[f"ffn {cores} threads"] * MARGIN < t[f"ffn {current} threads"] else current
 
 
-def probe(shape: ProbeShape, threads: int | None = None) -> CpuChoice:
-    """Measure the choice for these shapes on this CPU now (no cache; see the module docstring)."""
+def probe(shape: ProbeShape, threads: int | None = None, fixed_threads: bool = False) -> CpuChoice:
+    """Measure the choice for these shapes on this CPU now (no cache; see the module docstring).
+    threads: the count to measure at (torch's current one); fixed_threads: keep it (no thread probe)."""
     threads = threads or torch.get_num_threads()
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
@@ -357,7 +358,7 @@ def probe(shape: ProbeShape, threads: int | None = None) -> CpuChoice:
     try:
         pack, dense_above, large_call = _probe_linear(shape, gen, timings)
         attention = _probe_attention(shape, gen, timings)
-        chosen_threads = _probe_threads(threads, large_call, timings)
+        chosen_threads = _probe_threads(threads, large_call, timings, fixed_threads)
     finally:
         torch.set_num_threads(before)
     return CpuChoice(pack=pack, dense_above=dense_above, attention=attention, threads=chosen_threads,
@@ -370,8 +371,9 @@ def default_choice(shape: ProbeShape, why: str, threads: int | None = None) -> C
     return CpuChoice(pack=cpu_can_pack(shape.dtype), threads=threads or torch.get_num_threads(), source=why)
 
 
-def choose(shape: ProbeShape) -> CpuChoice:
-    """The cached choice for this key, else `probe` and cache it; `ENV_PROBE` as in the module docstring."""
+def choose(shape: ProbeShape, fixed_threads: bool = False) -> CpuChoice:
+    """The cached choice for this key, else `probe` and cache it; `ENV_PROBE` as in the module docstring.
+    fixed_threads: the caller set torch's thread count (e.g. a benchmark's --threads): keep it."""
     threads = torch.get_num_threads()
     if _threads_changed is not None and threads == _threads_changed[1]:
         threads = _threads_changed[0]  # we set it: the key (and the probe) use the count we found
@@ -385,12 +387,14 @@ def choose(shape: ProbeShape) -> CpuChoice:
         record = _read_cache(path).get(key)
         if record is not None:
             try:
-                return dataclasses.replace(CpuChoice.from_json(record), source="cached", key=key)
+                cached = dataclasses.replace(CpuChoice.from_json(record), source="cached", key=key)
+                return dataclasses.replace(cached, threads=threads) if fixed_threads else cached
             except (TypeError, ValueError) as e:
                 warnings.warn(f"ignoring a bad entry of the CPU choice cache {path}: {e}; measuring again",
                               RuntimeWarning, stacklevel=2)
-    choice = dataclasses.replace(probe(shape, threads), key=key)
-    _write_cache(path, key, choice)
+    choice = dataclasses.replace(probe(shape, threads, fixed_threads), key=key)
+    if not fixed_threads:  # a record whose thread count was not measured is not cached
+        _write_cache(path, key, choice)
     return choice
 
 
@@ -409,8 +413,8 @@ def apply_choice(model: nn.Module, choice: CpuChoice) -> nn.Module:
     return model
 
 
-def choose_for(model: nn.Module) -> CpuChoice:
+def choose_for(model: nn.Module, fixed_threads: bool = False) -> CpuChoice:
     """`choose` for this model's shapes and dtype, applied to it (what ``onepeace.load`` does on CPU)."""
-    choice = choose(ProbeShape.of(model))
+    choice = choose(ProbeShape.of(model), fixed_threads)
     apply_choice(model, choice)
     return choice
