@@ -60,6 +60,7 @@ def cache(tmp_path, monkeypatch):
     """The probe on, with a temporary cache folder; returns the cache file's path."""
     monkeypatch.setenv("ONEPEACE_CACHE", str(tmp_path))
     monkeypatch.setenv(cpu_choice.ENV_PROBE, "1")
+    monkeypatch.setattr(cpu_choice, "_load_average", lambda: 0.5)  # a quiet machine, whatever this one is doing
     return tmp_path / cpu_choice.CACHE_FILE
 
 
@@ -184,6 +185,14 @@ def test_cache_is_written_read_back_and_keyed(cache, probes, monkeypatch):
     assert choose(TINY_SHAPE).source == "measured" and len(probes) == 4
 
 
+def test_a_probe_on_a_busy_machine_is_not_cached(cache, probes, monkeypatch):
+    monkeypatch.setattr(cpu_choice, "_load_average", lambda: 4.0 * (cpu_choice.os.cpu_count() or 1))
+    choice = choose(TINY_SHAPE)
+    assert choice.source == "measured on a busy machine, not cached" and not cache.exists()
+    assert "load average" in choice.summary()
+    assert choose(TINY_SHAPE).source.startswith("measured") and len(probes) == 2
+
+
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"KEY": {"pack": "yes", "attention": "sdpa", "threads": 2}}'])
 def test_a_corrupt_cache_is_a_warning_and_is_replaced(cache, probes, content):
     key = cpu_choice.choice_key(TINY_SHAPE, torch.get_num_threads())
@@ -199,6 +208,7 @@ def test_an_unwritable_cache_is_a_warning(tmp_path, monkeypatch, probes):
     blocker.write_text("")
     monkeypatch.setenv("ONEPEACE_CACHE", str(blocker / "sub"))  # a folder under a file: cannot be made
     monkeypatch.setenv(cpu_choice.ENV_PROBE, "1")
+    monkeypatch.setattr(cpu_choice, "_load_average", lambda: 0.5)
     with pytest.warns(RuntimeWarning, match="could not write the CPU choice cache"):
         assert choose(TINY_SHAPE).source == "measured"
 

@@ -23,7 +23,8 @@ Every switch away from today's default (packed, sdpa, torch's threads) needs a `
 Cache: ``${ONEPEACE_CACHE:-~/.cache/onepeace}/cpu-choice.json``, one entry per `choice_key` (CPU model
 name, the ISA flags that select kernels, the ISA-limiting environment variables, torch version, shapes,
 dtype, threads), written atomically (and under a file lock where `filelock` is installed). A corrupt file
-is ignored with a warning and rewritten. ``ONEPEACE_CPU_PROBE=0`` disables probing (today's default:
+is ignored with a warning and rewritten. A probe taken while the machine was busier than its CPUs
+(1-minute load average) timed other jobs too: it is used for that load, not cached. ``ONEPEACE_CPU_PROBE=0`` disables probing (today's default:
 packed where the CPU can pack the dtype, sdpa, torch's threads); ``ONEPEACE_CPU_PROBE=refresh``
 measures again. ``onepeace.load(..., pack=True/False)`` skips all of this.
 """
@@ -107,6 +108,7 @@ class CpuChoice:
     key: str = ""
     timings_ms: dict[str, float] = field(default_factory=dict)
     probe_ms: float = 0.0
+    load_avg: float | None = None  # the machine's 1-minute load average when measured (see `busy`)
 
     def describe(self) -> str:
         """e.g. "packed (dense weight from 512 rows), sdpa attention, 2 threads"."""
@@ -120,6 +122,8 @@ class CpuChoice:
         text = f"{self.describe()} [{self.source}"
         if self.probe_ms:
             text += f" (probe {self.probe_ms:.0f} ms)" if self.source == "cached" else f" in {self.probe_ms:.0f} ms"
+        if self.load_avg is not None:
+            text += f", load average {self.load_avg:.1f}"
         text += "]"
         if self.timings_ms:
             text += "; ms: " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings_ms.items())
@@ -363,7 +367,17 @@ def probe(shape: ProbeShape, threads: int | None = None, fixed_threads: bool = F
         torch.set_num_threads(before)
     return CpuChoice(pack=pack, dense_above=dense_above, attention=attention, threads=chosen_threads,
                      source="measured", timings_ms={k: round(v, 3) for k, v in timings.items()},
-                     probe_ms=round(1000 * (time.perf_counter() - start), 1))
+                     probe_ms=round(1000 * (time.perf_counter() - start), 1), load_avg=_load_average())
+
+
+def _load_average() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def busy(load_avg: float | None) -> bool:
+    """Was the machine busier than its CPUs when measured (1-minute load average > CPUs)? Such a
+    probe times other jobs too: its choice is used for this load but not cached."""
+    return load_avg is not None and load_avg > (os.cpu_count() or 1)
 
 
 def default_choice(shape: ProbeShape, why: str, threads: int | None = None) -> CpuChoice:
@@ -393,6 +407,8 @@ def choose(shape: ProbeShape, fixed_threads: bool = False) -> CpuChoice:
                 warnings.warn(f"ignoring a bad entry of the CPU choice cache {path}: {e}; measuring again",
                               RuntimeWarning, stacklevel=2)
     choice = dataclasses.replace(probe(shape, threads, fixed_threads), key=key)
+    if busy(choice.load_avg):
+        return dataclasses.replace(choice, source="measured on a busy machine, not cached")
     if not fixed_threads:  # a record whose thread count was not measured is not cached
         _write_cache(path, key, choice)
     return choice
