@@ -121,7 +121,7 @@ def test_thread_choice_is_applied_and_gives_the_same_numbers(inputs, reference):
 # ------------------------------------------------------------------ the decisions follow the timings
 def fake_timings(monkeypatch, table: dict[str, float]):
     """Replace the clock: every name the probe times gets its time from `table` (by suffix)."""
-    def medians(fns, reps):
+    def medians(fns, reps, warmup=True):
         return {name: next(v for k, v in table.items() if name.endswith(k)) for name in fns}
     monkeypatch.setattr(cpu_choice, "_medians", medians)
 

@@ -5,28 +5,29 @@ Why: the packed oneDNN weights (`onepeace.modeling.packed`) were tuned on an AVX
 AVX2-only AMD EPYC the same packing made a short query 1.5x faster but image batch 8 1.3x SLOWER than
 plain weights; which kernel wins depends on the CPU, the torch build and the shapes, so it is measured.
 
-What is measured (`probe`, a few hundred ms, once per key, then cached):
-- linear layers: one GeGLU FFN expert at the model's (D, F) -- the products that dominate the FLOPs,
-  with the fused GELU/multiply the packed path runs -- on 16 rows (a short query) and on a large
-  batch (`large_rows`: 512 at base size, 256 at the 4B shape), plain vs packed, interleaved, medians.
-  Packed is kept where it is not slower; where it wins on short queries but loses on the large batch,
-  the packed layers use a per-call dense copy of the weight from `large_rows` rows on
-  (`PackedLinear.dense_above`: one layer's weight at a time, never a second copy of the model) if
-  that measured faster too.
-- attention: torch's fused kernel (sdpa) vs the explicit float32-softmax one (eager) on (4, H, 257, hd)
+What is measured (`probe`: ~0.3 s of a quiet 2-core CPU at base size, ~0.6 s at the 4B shape; once per
+key, then cached):
+- linear layers, at the model's (D, F): one GeGLU FFN expert on 16 rows (a short query, with the
+  GELU / product the packed path fuses), and the FFN's first (with its GELU) and last products on a
+  large batch (`large_rows`: 512 at base size, 128 at the 4B shape), plain vs packed, interleaved,
+  medians. Packed is kept where it is not slower; where it wins on short queries but loses on the large
+  batch, the packed layers use a per-call dense copy of the weight from `large_rows` rows on
+  (`PackedLinear.dense_above`: one layer's weight at a time, never a second copy of the model) if that
+  measured faster too; where packing wins nowhere, plain weights.
+- attention: torch's fused kernel (sdpa) vs the explicit float32-softmax one (eager) on (2, H, 257, hd)
   and (1, H, 13, hd) with an additive mask; eager is taken only where it wins by `MARGIN` on the large
   shape and does not lose on the small one.
-- threads: torch's current count vs the physical cores this process may run on, timed on the large FFN
-  where they differ (not where OMP_NUM_THREADS / MKL_NUM_THREADS is set: the user chose).
+- threads: torch's current count vs the physical cores this process may run on, timed on the large
+  products where they differ (not where OMP_NUM_THREADS / MKL_NUM_THREADS is set: the user chose).
 Every switch away from today's default (packed, sdpa, torch's threads) needs a `MARGIN` (5%) win.
 
 Cache: ``${ONEPEACE_CACHE:-~/.cache/onepeace}/cpu-choice.json``, one entry per `choice_key` (CPU model
 name, the ISA flags that select kernels, the ISA-limiting environment variables, torch version, shapes,
 dtype, threads), written atomically (and under a file lock where `filelock` is installed). A corrupt file
 is ignored with a warning and rewritten. A probe taken while the machine was busier than its CPUs
-(1-minute load average) timed other jobs too: it is used for that load, not cached. ``ONEPEACE_CPU_PROBE=0`` disables probing (today's default:
-packed where the CPU can pack the dtype, sdpa, torch's threads); ``ONEPEACE_CPU_PROBE=refresh``
-measures again. ``onepeace.load(..., pack=True/False)`` skips all of this.
+(1-minute load average) timed other jobs too: it is used for that load, not cached.
+``ONEPEACE_CPU_PROBE=0`` disables probing (today's default: packed where the CPU can pack the dtype,
+sdpa, torch's threads); ``ONEPEACE_CPU_PROBE=refresh`` measures again. ``onepeace.load(..., pack=True/False)`` skips all of this.
 """
 from __future__ import annotations
 
@@ -44,11 +45,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import attend
 from .layers import GeGLUFeedForward
-from .packed import cpu_can_pack, pack_linears, set_dense_above
+from .packed import PackedLinear, cpu_can_pack, pack_linears, set_dense_above
 
 ENV_PROBE = "ONEPEACE_CPU_PROBE"  # "0": no probe (today's default); "refresh": measure again
 CACHE_FILE = "cpu-choice.json"
@@ -80,10 +82,10 @@ class ProbeShape:
 
     @property
     def large_rows(self) -> int:
-        """Rows of the "large batch" product: 512, fewer for wide layers (each probe product stays
-        <= ~8 GFLOP), at least 256 (image batch 1 is 257 rows)."""
+        """Rows of the "large batch" products: 512 (base size), fewer for wider layers so that the
+        timed pair stays <= 5 GFLOP (128 at the 4B shape, where K = 1536 already makes it compute-bound)."""
         rows = 512
-        while rows > 256 and 6 * rows * self.dim * self.ffn_dim > 8e9:
+        while rows > 128 and 4 * rows * self.dim * self.ffn_dim > 5e9:
             rows //= 2
         return rows
 
@@ -254,12 +256,13 @@ def _merge_and_replace(path: Path, key: str, choice: CpuChoice) -> None:
 
 
 # ---------------------------------------------------------------------------- measuring
-def _medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+def _medians(fns: dict[str, Callable[[], object]], reps: int, warmup: bool = True) -> dict[str, float]:
     """Median ms of each function, calls interleaved (a load spike hits every choice alike), after one
-    warm-up call each."""
+    warm-up call each (warmup=False for the large products: a slow first call is one of three, which
+    the median drops)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode():
-        for fn in fns.values():
+        for fn in (fns.values() if warmup else ()):
             fn()
         for _ in range(reps):
             for name, fn in fns.items():
@@ -280,58 +283,66 @@ def _with_threads(n: int, fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
+def _large_products(ffn: GeGLUFeedForward, x: torch.Tensor, h: torch.Tensor) -> Callable[[], object]:
+    """The FFN's first product with its GELU, (M, D) -> (M, F), and its last, (M, F) -> (M, D), as the
+    model runs them (packed: the GELU inside the product); 4 M D F FLOPs."""
+    if isinstance(ffn.wi_0, PackedLinear):
+        return lambda: (ffn.wi_0.forward_gelu(x), ffn.fc_out(h))
+    return lambda: (F.gelu(ffn.wi_0(x)), ffn.fc_out(h))
+
+
 def _probe_linear(shape: ProbeShape, gen: torch.Generator, timings: dict) -> tuple[bool, int | None, Callable]:
-    """(pack, dense_above, the large-batch FFN call of that choice) -- see the module docstring."""
-    D, F = shape.dim, shape.ffn_dim
+    """(pack, dense_above, the large-batch products of that choice) -- see the module docstring."""
+    D, F_, M = shape.dim, shape.ffn_dim, shape.large_rows
     with torch.device("cpu"):
-        dense = GeGLUFeedForward(D, F).to(shape.dtype).eval()
+        dense = GeGLUFeedForward(D, F_).to(shape.dtype).eval()
     with torch.no_grad():
         for p in dense.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     small = torch.randn(SMALL_ROWS, D, generator=gen).to(shape.dtype)
-    large = torch.randn(shape.large_rows, D, generator=gen).to(shape.dtype)
+    x, h = (torch.randn(M, n, generator=gen).to(shape.dtype) for n in (D, F_))
     if not cpu_can_pack(shape.dtype):
-        return False, None, lambda: dense(large)
+        return False, None, _large_products(dense, x, h)
     packed = copy.deepcopy(dense)
     pack_linears(packed)
     t = _medians({"ffn16 packed": lambda: packed(small), "ffn16 plain": lambda: dense(small)}, reps=5)
-    t.update(_medians({f"ffn{len(large)} packed": lambda: packed(large),
-                       f"ffn{len(large)} plain": lambda: dense(large)}, reps=3))
+    t.update(_medians({f"x{M} packed": _large_products(packed, x, h), f"x{M} plain": _large_products(dense, x, h)},
+                      reps=3, warmup=False))
     timings.update(t)
-    s_packed, s_plain = t["ffn16 packed"], t["ffn16 plain"]
-    l_packed, l_plain = t[f"ffn{len(large)} packed"], t[f"ffn{len(large)} plain"]
+    s_packed, s_plain, l_packed, l_plain = t["ffn16 packed"], t["ffn16 plain"], t[f"x{M} packed"], t[f"x{M} plain"]
     if s_packed * MARGIN >= s_plain and l_packed > l_plain * MARGIN:  # packing loses on both: plain weights
-        return False, None, lambda: dense(large)
+        return False, None, _large_products(dense, x, h)
     if l_packed <= l_plain * MARGIN:  # packed wins or ties on the large batch too
-        return True, None, lambda: packed(large)
+        return True, None, _large_products(packed, x, h)
 
-    def fallback():
+    def fallback():  # the per-call dense copy of each weight (PackedLinear.dense_above)
         set_dense_above(packed, 1)
         try:
-            return packed(large)
+            return _large_products(packed, x, h)()
         finally:
             set_dense_above(packed, None)
-    t = _medians({f"ffn{len(large)} packed": lambda: packed(large),
-                  f"ffn{len(large)} packed+dense copy": fallback}, reps=3)
+    t = _medians({f"x{M} packed": _large_products(packed, x, h), f"x{M} packed+dense copy": fallback}, reps=3,
+                 warmup=False)
     timings.update(t)
-    if t[f"ffn{len(large)} packed+dense copy"] * MARGIN < t[f"ffn{len(large)} packed"]:
-        return True, len(large), fallback
-    return True, None, lambda: packed(large)
+    if t[f"x{M} packed+dense copy"] * MARGIN < t[f"x{M} packed"]:
+        return True, M, fallback
+    return True, None, _large_products(packed, x, h)
 
 
 def _probe_attention(shape: ProbeShape, gen: torch.Generator, timings: dict) -> str:
-    """"sdpa" or "eager", timed on (4, H, 257, hd) and (1, H, 13, hd) with an additive (1, H, S, S) mask."""
+    """"sdpa" or "eager", timed on (2, H, 257, hd) and (1, H, 13, hd) with an additive (1, H, S, S) mask."""
     H, hd = shape.heads, max(1, shape.dim // shape.heads)
     result = {}
-    for B, S in ((1, 13), (4, 257)):  # a short text; image batches (257 tokens at 256 px)
+    for B, S in ((1, 13), (2, 257)):  # a short text; image batches (257 tokens at 256 px)
         q, k, v = (torch.randn(B, H, S, hd, generator=gen).to(shape.dtype) for _ in range(3))
         mask = torch.randn(1, H, S, S, generator=gen).to(shape.dtype)
         t = _medians({f"attn{B}x{S} sdpa": lambda: attend(q, k, v, mask, eager=False),
-                      f"attn{B}x{S} eager": lambda: attend(q, k, v, mask, eager=True)}, reps=3 if B > 1 else 5)
+                      f"attn{B}x{S} eager": lambda: attend(q, k, v, mask, eager=True)}, reps=3 if B > 1 else 5,
+                     warmup=B == 1)
         timings.update(t)
         result[B] = t
-    small, large = result[1], result[4]
-    if (large["attn4x257 eager"] * MARGIN < large["attn4x257 sdpa"]
+    small, large = result[1], result[2]
+    if (large["attn2x257 eager"] * MARGIN < large["attn2x257 sdpa"]
             and small["attn1x13 eager"] <= small["attn1x13 sdpa"] * MARGIN):
         return "eager"
     return "sdpa"
