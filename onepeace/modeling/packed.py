@@ -133,7 +133,8 @@ class PackedLinear(nn.Module):
 
     def _dense_product(self, x: torch.Tensor) -> bool:
         """Does this input (..., in) have `dense_above` rows or more (then the dense weight is faster)?"""
-        return self.dense_above is not None and x.numel() >= self.dense_above * self.in_features
+        rows = self.__dict__.get("dense_above")  # absent in a layer pickled before this attribute existed
+        return rows is not None and x.numel() >= rows * self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         self._check_inference(x)
@@ -214,7 +215,8 @@ class PackedLinear(nn.Module):
             self._packed = pack_weight(self._packed)
 
     def extra_repr(self) -> str:
-        dense = "" if self.dense_above is None else f", dense weight from {self.dense_above} rows"
+        rows = self.__dict__.get("dense_above")
+        dense = "" if rows is None else f", dense weight from {rows} rows"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"dtype={self.dtype}, packed for oneDNN{dense}")
 
