@@ -205,7 +205,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="base", choices=["base", "4b-layer"])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", default=None, help="run only cases whose name contains this")
+    parser.add_argument("--only", default=None,
+                        help="run only cases whose name contains this (comma-separated: any of these)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -227,7 +228,7 @@ def main() -> None:
     mode_cases = {mode: cases(model, np.random.default_rng(0)) for mode, model in modes.items()}
     rows = []
     for name, (n, _, lengths) in next(iter(mode_cases.values())).items():
-        if args.only and args.only not in name:
+        if args.only and not any(part.strip() in name for part in args.only.split(",")):
             continue
         print(f"  measuring {name} ...", file=sys.stderr, flush=True)
         times = {mode: timed(mode_cases[mode][name][1], args.runs, args.device) for mode in modes}
