@@ -14,6 +14,14 @@
     python benchmarks/gpu_check.py --time-limit 300 --skip-train
     python benchmarks/gpu_check.py --smoke                # the same code on CPU with the tiny model (no GPU)
 
+On the project's GPU machine (no network; its image lacks soundfile, soxr, cffi, pycparser, which
+`import onepeace` needs): carry their cp312 wheels and the shared BPE / key files in ignored folders,
+install the wheels to a side folder first (see NOTES / the device README), e.g.
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        build/gpu-wheels/*.whl && export PYTHONPATH=/tmp/site || exit; python3 benchmarks/gpu_check.py \
+        --time-limit 420 --bpe-dir build/gpu-assets/official-bpe --keys build/gpu-assets/one-peace-4b-retrieval-keys.tsv
+
 Every part runs in its own process (a crash or an out-of-memory in one leaves the others' numbers) and
 prints one RESULT line; the summary table is printed at the end, with what did not finish.
 """
@@ -123,7 +131,8 @@ def run_part(name: str, cmd: list[str], timeout: float, results: dict, env: dict
     t = time.monotonic()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+                              env={**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(
+                                  filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         print(out[-4000:])
@@ -152,16 +161,16 @@ def checkpoint_4b(args, workdir: Path) -> Path:
 
     if DEFAULT_PATH.exists():
         return DEFAULT_PATH
-    if KEYS_TSV.exists():
+    if args.keys.exists():
         print(f"writing the synthetic 4B checkpoint (released layout) to {DEFAULT_PATH} ...", flush=True)
-        write_checkpoint(DEFAULT_PATH, KEYS_TSV)
+        write_checkpoint(DEFAULT_PATH, args.keys)
         return DEFAULT_PATH
     import torch
 
     import onepeace
     from onepeace.checkpoint import save_converted
 
-    print(f"{KEYS_TSV} not here: writing a converted 4B folder of random bfloat16 weights instead", flush=True)
+    print(f"{args.keys} not here: writing a converted 4B folder of random bfloat16 weights instead", flush=True)
     torch.manual_seed(0)
     return save_converted(onepeace.create_model("one-peace-4b", dtype=torch.bfloat16), workdir / "4b")
 
@@ -225,6 +234,8 @@ def main() -> None:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-4b", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--keys", type=Path, default=KEYS_TSV,
+                        help="the released 4B key list (shared/spec/one-peace-4b-retrieval-keys.tsv)")
     parser.add_argument("--bpe-dir", default=os.environ.get("ONEPEACE_BPE_DIR", str(REPO.parent / "shared" / "official-bpe")))
     parser.add_argument("--smoke", action="store_true", help="no GPU: the same code on CPU, tiny sizes, float32")
     args = parser.parse_args()
