@@ -232,13 +232,13 @@ def test_load_reports_the_measured_then_cached_choice(folder, cache, probes, inp
     assert model.is_packed == choice.pack and model.attention_kernel == choice.attention
     summary = model.load_report.summary()
     print(summary)
-    assert "CPU path: " + choice.describe() in summary and "measured in" in summary and "ffn16 packed" in summary
+    assert "CPU path: " + choice.describe() in summary and "[measured; probe" in summary and "ffn16 packed" in summary
     err = max(max_rel_error(embeddings(model, inputs)[m], ref) for m, ref in reference.items())
     print(f"load() default ({choice.describe()}): max rel error vs reference {err:.1e}")
     assert err <= 1e-5
     second = onepeace.load(folder)
     assert second.load_report.cpu_choice.source == "cached" and len(probes) == 1
-    assert "[cached (probe" in second.load_report.summary()
+    assert "[cached; probe" in second.load_report.summary()
 
 
 @pytest.mark.parametrize("kwargs, packed", [({"pack": True}, True), ({"pack": False}, False), ({"fuse": True}, False)])

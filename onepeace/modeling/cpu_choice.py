@@ -121,9 +121,9 @@ class CpuChoice:
 
     def summary(self) -> str:
         """describe() + where it came from + the timings (ms, medians)."""
-        text = f"{self.describe()} [{self.source}"
+        text = f"{self.describe()} [{self.source}"  # e.g. "[cached; probe 310 ms, load average 0.4]"
         if self.probe_ms:
-            text += f" (probe {self.probe_ms:.0f} ms)" if self.source == "cached" else f" in {self.probe_ms:.0f} ms"
+            text += f"; probe {self.probe_ms:.0f} ms"
         if self.load_avg is not None:
             text += f", load average {self.load_avg:.1f}"
         text += "]"
