@@ -5,8 +5,8 @@ Why: the packed oneDNN weights (`onepeace.modeling.packed`) were tuned on an AVX
 AVX2-only AMD EPYC the same packing made a short query 1.5x faster but image batch 8 1.3x SLOWER than
 plain weights; which kernel wins depends on the CPU, the torch build and the shapes, so it is measured.
 
-What is measured (`probe`: ~0.3 s of a quiet 2-core CPU at base size, ~0.6 s at the 4B shape; once per
-key, then cached):
+What is measured (`probe`: 0.55-0.85 CPU-seconds at base size and at the 4B shape, read on one thread
+of a busy 2-core machine -- about 0.3 s of wall time on a quiet one, estimated; once per key, then cached):
 - linear layers, at the model's (D, F): one GeGLU FFN expert on 16 rows (a short query, with the
   GELU / product the packed path fuses), and the FFN's first (with its GELU) and last products on a
   large batch (`large_rows`: 512 at base size, 128 at the 4B shape), plain vs packed, interleaved,
