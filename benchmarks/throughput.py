@@ -1,9 +1,10 @@
-"""Embedding throughput: onepeace's fast path (on CPU with packed and with dense weights, both in one
-run) vs its `reference` mode (the plain implementation: plain weights, eager attention with a
-float32 softmax, the (B, H, S, S) mask rebuilt in every layer, unfused projections, batches padded
-to the longest item), with achieved GFLOP/s of the
-encoder's matrix products and their fraction of a matmul peak measured in the same run, at the same
-dtype (float32 by default) on the same device.
+"""Embedding throughput: onepeace's fast path vs its `reference` mode (the plain implementation: plain
+weights, eager attention with a float32 softmax, the (B, H, S, S) mask rebuilt in every layer, unfused
+projections, batches padded to the longest item), with achieved GFLOP/s of the encoder's matrix
+products and their fraction of a matmul peak measured in the same run, at the same dtype (float32 by
+default) on the same device. On CPU, one run times the 'default' mode (what onepeace.load picks for
+this CPU: `onepeace.modeling.cpu_choice`, printed with the CPU's key and the probe's timings) beside
+the 'packed' and 'dense' weights.
 
     python benchmarks/throughput.py                      # base size (D=768, L=12, H=12, F=3072)
     python benchmarks/throughput.py --size 4b-layer      # the 4B layer shape (D=1536, F=6144, H=24), 2 layers
@@ -150,13 +151,18 @@ def cases(model, rng):
 
 
 def build_modes(args, dtype: torch.dtype) -> dict[str, onepeace.OnePeaceModel]:
-    """mode -> model, the same seeded weights in each. CPU: 'packed' (what onepeace.load returns:
-    `to_packed`, where this CPU can pack the dtype) and 'dense' (`to_dense`, plain nn.Linear), so one
-    run shows both; GPU or --fuse: 'fused'. Always 'reference' (the plain implementation)."""
+    """mode -> model, the same seeded weights in each. CPU: 'default' (what onepeace.load returns: the
+    path `onepeace.modeling.cpu_choice` measured faster on this CPU, kept on the model as `cpu_choice`),
+    'packed' (`to_packed`, where this CPU can pack the dtype) and 'dense' (`to_dense`, plain nn.Linear),
+    so one run shows all three; GPU or --fuse: 'fused'. Always 'reference' (the plain implementation)."""
+    from onepeace.modeling.cpu_choice import choose_for
+
     modes = {}
     if args.fuse or args.device == "cuda":
         modes["fused"] = build(args.size, args.device, dtype).fuse_for_inference()  # what load does on GPUs
     else:
+        modes["default"] = build(args.size, args.device, dtype)  # what load does on CPU (probe or cache)
+        modes["default"].cpu_choice = choose_for(modes["default"], fixed_threads=bool(args.threads))
         if not args.no_pack:
             modes["packed"] = build(args.size, args.device, dtype).to_packed()  # what load does on CPU
         modes["dense"] = build(args.size, args.device, dtype)
@@ -175,6 +181,10 @@ def print_table(args, rows, modes, peaks: tuple[float, float]) -> None:
     else:
         packing = "packed mode: " + ("oneDNN-packed weights" if packed.is_packed else
                                      f"plain weights (this CPU cannot pack {args.dtype})")
+    choice = getattr(modes.get("default"), "cpu_choice", None)
+    if choice is not None:
+        print(f"CPU: {choice.key}")
+        print(f"default mode (onepeace.load on this CPU): {choice.summary()}")
     peak = max(peaks)
     print(f"size {args.size}: D={cfg.embed_dim} F={cfg.ffn_embed_dim} L={cfg.layers} H={cfg.attention_heads}; "
           f"torch {torch.__version__}, {where}; {args.dtype} matmul peak {peak:.0f} GFLOP/s "
@@ -195,7 +205,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="base", choices=["base", "4b-layer"])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", default=None, help="run only cases whose name contains this")
+    parser.add_argument("--only", default=None,
+                        help="run only cases whose name contains this (comma-separated: any of these)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -217,7 +228,7 @@ def main() -> None:
     mode_cases = {mode: cases(model, np.random.default_rng(0)) for mode, model in modes.items()}
     rows = []
     for name, (n, _, lengths) in next(iter(mode_cases.values())).items():
-        if args.only and args.only not in name:
+        if args.only and not any(part.strip() in name for part in args.only.split(",")):
             continue
         print(f"  measuring {name} ...", file=sys.stderr, flush=True)
         times = {mode: timed(mode_cases[mode][name][1], args.runs, args.device) for mode in modes}

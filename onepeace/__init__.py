@@ -49,7 +49,11 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     pack: swap the encoder's linear layers for inference-only oneDNN-packed ones (`OnePeaceModel.to_packed`:
         same numbers, no extra memory, ~2.5x faster short queries) where this CPU can pack the dtype
         (`onepeace.modeling.packed.cpu_can_pack`: float32; bfloat16 with avx512bw/vl/dq or avx_ne_convert;
-        elsewhere the weights stay plain). None (default) packs on CPU unless `fuse` or `compile`.
+        elsewhere the weights stay plain). None (default), on CPU without `fuse` / `compile`: what a short
+        probe measured faster on this CPU for this model's shapes -- packing (or plain weights, or packed
+        with a dense copy for large batches), the attention kernel and the thread count
+        (`onepeace.modeling.cpu_choice`: cached in ${ONEPEACE_CACHE:-~/.cache/onepeace}/cpu-choice.json,
+        ONEPEACE_CPU_PROBE=0 skips it: packed), reported in ``model.load_report.cpu_choice``.
         A packed model refuses training and gradients: ``model.to_dense()`` (or pack=False) for those.
     The returned model is in eval mode; `model.load_report` says what was ignored or recomputed.
     """
@@ -74,7 +78,11 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
                          "be fused or traced by torch.compile (it packs its own); pass one of them")
     if fused:
         model.fuse_for_inference()
-    if pack or (pack is None and not fused and not compile):
+    if pack is None and not fused and not compile and torch.device(device).type == "cpu":
+        from .modeling.cpu_choice import choose_for  # packing, attention kernel, threads: measured once, cached
+
+        model.load_report.cpu_choice = choose_for(model)
+    elif pack or (pack is None and not fused and not compile):
         model.to_packed()  # keeps plain weights where this CPU cannot pack the dtype (and on GPUs)
     if compile:
         model.compile_encoder()

@@ -19,6 +19,11 @@ BPE_DIR = Path(os.environ.get("ONEPEACE_BPE_DIR", SHARED / "official-bpe"))
 TINY_CKPT = FIXTURES / "official-tiny" / "checkpoint.pt"
 
 
+# onepeace.load's CPU probe (onepeace.modeling.cpu_choice) stays off in the suite: the tests check
+# today's default path (packed) and never write the user's cache; tests/test_cpu_choice.py turns it on
+# with a temporary cache. Set here (not in a fixture) so that subprocesses (the CLI tests) inherit it.
+os.environ.setdefault("ONEPEACE_CPU_PROBE", "0")
+
 SHARED_REQUIRED = bool(os.environ.get("CI")) or os.environ.get("ONEPEACE_REQUIRE_SHARED") == "1"
 
 

@@ -56,6 +56,9 @@ class LoadReport:
     skipped_modalities: dict[str, int] = field(default_factory=dict)  # modality -> tensors not read
     placeholders: list[str] = field(default_factory=list)  # classes the pickle named that were not built
     storage_dtypes: dict[str, int] = field(default_factory=dict)  # dtype name -> tensor count in the file
+    # what onepeace.load chose for this CPU (onepeace.modeling.cpu_choice.CpuChoice: packing, attention
+    # kernel, threads; measured or cached, with the timings); None where nothing was chosen (GPU, pack=...)
+    cpu_choice: Any = None
 
     def summary(self) -> str:
         parts = [f"loaded {self.path}"]
@@ -69,6 +72,8 @@ class LoadReport:
             parts.append(f"{n} {m} tensors not loaded")
         if self.placeholders:
             parts.append("not rebuilt: " + ", ".join(sorted(set(self.placeholders))))
+        if self.cpu_choice is not None:
+            parts.append("CPU path: " + self.cpu_choice.summary())
         return "; ".join(parts)
 
 

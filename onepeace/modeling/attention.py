@@ -29,6 +29,22 @@ class RealRows:
         return out.index_copy_(0, self.index, rows).view(self.batch, self.length, -1)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, eager: bool,
+           dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + mask) v for (B, H, S, hd) q/k/v and an additive mask broadcastable to
+    (B, H, S, S). eager=False: torch's fused kernel (scaled_dot_product_attention); eager=True: the plain
+    computation with an explicit float32 softmax (the `reference` mode, and the kernel
+    `onepeace.modeling.cpu_choice` picks where it measured it faster)."""
+    scale = q.shape[-1] ** -0.5
+    if not eager:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    logits = (q * scale) @ k.transpose(-1, -2)
+    if attn_mask is not None:
+        logits = logits + attn_mask
+    probs = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+    return F.dropout(probs, dropout_p, dropout_p > 0) @ v
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with an additive mask (relative bias + key padding as -inf).
 
@@ -108,16 +124,7 @@ class SelfAttention(nn.Module):
             q = self.q_proj(x).view(B, S, H, hd).transpose(1, 2)  # (B, H, S, hd)
             k = self.k_proj(x).view(B, S, H, hd).transpose(1, 2)
             v = self.v_proj(x).view(B, S, H, hd).transpose(1, 2)
-        if eager:
-            logits = (q * hd ** -0.5) @ k.transpose(-1, -2)
-            if attn_mask is not None:
-                logits = logits + attn_mask
-            probs = torch.softmax(logits.float(), dim=-1).to(q.dtype)
-            a = F.dropout(probs, self.dropout, self.training) @ v
-        else:
-            a = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, scale=hd ** -0.5
-            )  # (B, H, S, hd)
+        a = attend(q, k, v, attn_mask, eager, self.dropout if self.training else 0.0)  # (B, H, S, hd)
         if self.head_scale is not None:
             a = a * self.head_scale.view(1, H, 1, 1).to(a.dtype)
         a = a.transpose(1, 2).reshape(B, S, D)

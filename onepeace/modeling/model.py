@@ -15,7 +15,9 @@ from ..registry import adapter_class
 from .adapters import AdapterOutput
 from .attention import RealRows
 from .encoder import Encoder
-from .packed import PackedLinear, pack_linears, unpack_linears
+from .packed import PackedLinear, pack_linears, set_dense_above, unpack_linears
+
+ATTENTION_KERNELS = ("sdpa", "eager")  # see OnePeaceModel.attention_kernel
 
 
 @dataclass
@@ -67,6 +69,20 @@ class OnePeaceModel(nn.Module):
         # the plain implementation kept for benchmarks: eager attention with an explicit float32
         # softmax, the (B, H, S, S) mask rebuilt in every layer, batches padded to the longest item
         self.reference_mode = False
+        self.attention_kernel = "sdpa"
+
+    @property
+    def attention_kernel(self) -> str:
+        """Attention kernel outside the reference mode: "sdpa" (torch's fused kernel, the default) or
+        "eager" (explicit float32 softmax; `onepeace.modeling.cpu_choice` picks it where it measured it
+        faster on this CPU). Same numbers up to rounding."""
+        return getattr(self, "_attention_kernel", "sdpa")  # a model pickled before this attribute: sdpa
+
+    @attention_kernel.setter
+    def attention_kernel(self, value: str) -> None:
+        if value not in ATTENTION_KERNELS:
+            raise ValueError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {value!r}")
+        self._attention_kernel = value
 
     @property
     def reference_mode(self) -> bool:
@@ -90,7 +106,7 @@ class OnePeaceModel(nn.Module):
         return self
 
     # ------------------------------------------------------------------ packed CPU inference
-    def to_packed(self) -> "OnePeaceModel":
+    def to_packed(self, dense_above: int | None = None) -> "OnePeaceModel":
         """Swap the encoder's nn.Linear layers for inference-only `PackedLinear` layers where this CPU
         can pack their dtype (`onepeace.modeling.packed.cpu_can_pack`; elsewhere they stay nn.Linear):
         the same numbers (<= 1e-6 relative), short inputs ~2.5x and large batches ~1.3x faster, the
@@ -99,7 +115,9 @@ class OnePeaceModel(nn.Module):
         A packed model is an inference model: it is put in eval mode and its parameters are frozen
         (requires_grad=False, so a plain ``model(...)`` builds no graph); it refuses ``train()``, a
         forward whose inputs require gradients and dtype/device changes until `to_dense`, which gives
-        the requires_grad flags back. Fused projections (`fuse_for_inference`) are dropped first."""
+        the requires_grad flags back. Fused projections (`fuse_for_inference`) are dropped first.
+        dense_above: inputs of this many rows or more are multiplied with a per-call dense copy of the
+        weight (`PackedLinear.dense_above`: for CPUs where packed products lose on large batches)."""
         self.eval()
         for layer in self.encoder.layers:
             layer.attn.unfuse_projections()
@@ -110,6 +128,7 @@ class OnePeaceModel(nn.Module):
             self._trainable_when_packed = trainable  # names (weights included), given back by to_dense
         if self.is_packed:
             self.requires_grad_(False)
+        set_dense_above(self.encoder, dense_above)
         return self
 
     def to_dense(self) -> "OnePeaceModel":
@@ -283,13 +302,14 @@ class OnePeaceModel(nn.Module):
             hidden = self.encoder(x, masks, layout, eager=True)
         else:
             masks = self.attention_masks(segments, padding_mask if has_padding else None, x.dtype)
+            eager = self.attention_kernel == "eager"
             if has_padding and masks is not None and len(segments) == 1 and not torch.is_grad_enabled():
                 # inference on a padded one-modality batch: every row-wise op runs on the real rows only
                 # (padded keys are -inf in the mask, so the padded rows never influence real ones)
                 rows = RealRows(padding_mask)
-                hidden = rows.scatter(self.encoder(rows.gather(x), masks, layout, rows=rows))
+                hidden = rows.scatter(self.encoder(rows.gather(x), masks, layout, eager=eager, rows=rows))
             else:
-                hidden = self.encoder(x, masks, layout)
+                hidden = self.encoder(x, masks, layout, eager=eager)
         result, start = {}, 0
         for name, length in layout:
             result[name] = hidden[:, start:start + length]

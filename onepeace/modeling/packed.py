@@ -21,6 +21,12 @@ Which dtypes: decided once per dtype by the CPU's capability (`cpu_can_pack`), n
 errors. float32 packs wherever torch has oneDNN; bfloat16 only where oneDNN supports it
 (avx512bw/vl/dq or avx_ne_convert: not on AVX2-only CPUs); float16 is never packed (its oneDNN path
 needs avx512_fp16 / avx_ne_convert, which we could not test). Elsewhere the layers stay nn.Linear.
+
+Large batches (`dense_above`): on some CPUs (an AVX2-only AMD EPYC) oneDNN's packed product is slower
+than MKL's for many rows (image batch 8: 1.3x) while still 2x faster for a short query. A layer with
+``dense_above = N`` multiplies an input of N rows or more with a dense copy of its weight made for
+that call (`dense_weight`, one layer's weight at a time: no second copy of the model is kept; the
+copy costs ~1% of such a product). `onepeace.modeling.cpu_choice` measures whether and from where.
 """
 from __future__ import annotations
 
@@ -85,6 +91,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = packed_weight.shape
         self.register_parameter("bias", bias)
         self.weight_requires_grad = weight_requires_grad  # given back to the dense weight by to_linear
+        self.dense_above: int | None = None  # inputs of this many rows or more use a dense copy (see module doc)
         self.training = False
 
     @classmethod
@@ -124,18 +131,29 @@ class PackedLinear(nn.Module):
             raise RuntimeError("a 'weight' was substituted into a packed layer, which has no weight Parameter "
                                f"and would ignore it: {_TO_DENSE} (e.g. for torch.func.functional_call)")
 
+    def _dense_product(self, x: torch.Tensor) -> bool:
+        """Does this input (..., in) have `dense_above` rows or more (then the dense weight is faster)?"""
+        rows = self.__dict__.get("dense_above")  # absent in a layer pickled before this attribute existed
+        return rows is not None and x.numel() >= rows * self.in_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         self._check_inference(x)
+        if self._dense_product(x):
+            return F.linear(x, self.dense_weight(), self.bias)
         return linear(x, self._packed, self.bias)
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """``gelu(x W^T + b)`` (exact, erf) with the GELU inside the matrix product."""
         self._check_inference(x)
+        if self._dense_product(x):
+            return F.gelu(F.linear(x, self.dense_weight(), self.bias))
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "gelu", [], "none")
 
     def forward_mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """``(x W^T + b) * other`` (other: (..., out)) with the product inside the matrix product."""
         self._check_inference(x, other)
+        if self._dense_product(x):
+            return F.linear(x, self.dense_weight(), self.bias).mul_(other)
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, self._packed, self.bias, "mul")
 
     # ---------------------------------------------------------------- refusals
@@ -197,8 +215,10 @@ class PackedLinear(nn.Module):
             self._packed = pack_weight(self._packed)
 
     def extra_repr(self) -> str:
+        rows = self.__dict__.get("dense_above")
+        dense = "" if rows is None else f", dense weight from {rows} rows"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"dtype={self.dtype}, packed for oneDNN")
+                f"dtype={self.dtype}, packed for oneDNN{dense}")
 
 
 def require_dense(*layers: nn.Module, to: str) -> None:
@@ -212,6 +232,15 @@ def pack_linears(module: nn.Module) -> int:
     """Swap every nn.Linear under `module` whose weight `packable` for a PackedLinear (the others
     stay as they are); returns how many were swapped."""
     return _swap(module, lambda m: type(m) is nn.Linear and packable(m.weight), PackedLinear.from_linear)
+
+
+def set_dense_above(module: nn.Module, rows: int | None) -> None:
+    """Set `PackedLinear.dense_above` on every packed layer under `module` (None: always packed)."""
+    if rows is not None and (not isinstance(rows, int) or rows < 1):
+        raise ValueError(f"dense_above must be a positive row count or None, got {rows!r}")
+    for m in module.modules():
+        if isinstance(m, PackedLinear):
+            m.dense_above = rows
 
 
 def unpack_linears(module: nn.Module) -> int:
