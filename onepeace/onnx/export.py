@@ -151,7 +151,7 @@ def export_onnx(model, out_dir: str | os.PathLike, modalities: Sequence[str] | N
     model.reference_mode = False
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "opset": opset, "torch": torch.__version__,
                 "onnxruntime": ort.__version__, "weights": quantize or "float32", "graphs": {}, "check": {},
-                "temperature": float(model.temperature) if model.logit_scale is not None else None}
+                "temperature": float(model.temperature.detach()) if model.logit_scale is not None else None}
     try:
         for name in names:
             manifest["graphs"][name], manifest["check"][name] = _export_branch(model, name, out, opset, quantize)
@@ -201,7 +201,10 @@ def _export_branch(model, name: str, out: Path, opset: int, quantize: str | None
 def _quantize_int8(path: Path) -> None:
     """ONNX Runtime's dynamic int8 in place: MatMul/Gemm weights int8 per channel (activations
     quantised at run time)."""
+    import logging
+
     quantization = require_module("onnxruntime.quantization")
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # its "consider pre-processing" note
     tmp = path.with_suffix(".int8.tmp")
     quantization.quantize_dynamic(str(path), str(tmp), weight_type=quantization.QuantType.QInt8,
                                   per_channel=True, op_types_to_quantize=["MatMul", "Gemm"])
