@@ -25,6 +25,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..modeling.attention import RealRows
+
 MANIFEST_FILE = "onnx.json"
 FORMAT = "onepeace-onnx"
 FORMAT_VERSION = 1
@@ -64,9 +66,11 @@ class BranchGraph(nn.Module):
     """One branch of `model` as a function of plain tensors (what the exporter traces):
     (inputs of GRAPH_INPUTS[modality]) -> (B, D) L2-normalised embedding.
 
-    The same steps as ``OnePeaceModel.forward`` for one modality, written without the inference-only
-    shortcuts whose control flow depends on the data (real rows only, `padding_mask.any()`): padded
-    rows enter as zeros and are -inf keys, which gives the same CLS state (the shortcuts are exact)."""
+    The same steps as ``OnePeaceModel.forward`` for one modality without the control flow that
+    depends on the data (`padding_mask.any()`): a branch with a padding mask input (text, audio) always
+    runs the padded path, padded rows zero and -inf keys, projections/norms/FFNs on the real rows only
+    (`RealRows`: NonZero + Gather/Scatter in the graph), as PyTorch does for a padded batch, which is
+    exact (a batch without padding gives the same numbers). Image batches have no padding."""
 
     def __init__(self, model, modality: str, fixed_masks: list[torch.Tensor] | None = None):
         super().__init__()
@@ -91,7 +95,12 @@ class BranchGraph(nn.Module):
             masks = self.fixed_masks
         else:
             masks = model.attention_masks([(name, out)], pad, x.dtype)  # bias (+ -inf padded keys)
-        hidden = model.encoder(x, masks, [(name, x.shape[1])])  # (B, S, D) after the final LayerNorm
+        layout = [(name, x.shape[1])]
+        if pad is None:
+            hidden = model.encoder(x, masks, layout)  # (B, S, D) after the final LayerNorm
+        else:  # projections, norms and FFNs on the N real rows only (a mixed batch costs its tokens)
+            rows = RealRows(pad)
+            hidden = rows.scatter(model.encoder(rows.gather(x), masks, layout, rows=rows))
         return model.project(name, hidden[:, 0])
 
 
