@@ -99,7 +99,7 @@ def test_padding_masks(fixture_export):
 
 def test_index_search_serve_and_embed_from_the_onnx_folder(tmp_path):
     """`onepeace export`, `onepeace index --model EXPORTED`, a server query and `onepeace embed`, all
-    on ONNX Runtime; the embeddings are the PyTorch model's (<= 1e-4)."""
+    on ONNX Runtime; the embeddings (and zero-shot probabilities) are the PyTorch model's (<= 1e-4)."""
     require_module("faiss", "serve")
     from onepeace.checkpoint import save_converted
     from onepeace.cli import main
@@ -131,6 +131,10 @@ def test_index_search_serve_and_embed_from_the_onnx_folder(tmp_path):
     err = float(np.abs(npz.embeddings - torch_model.encode_text(CAPTIONS[:2]).numpy()).max())
     print(f"onepeace embed from the ONNX folder vs PyTorch: max error {err:.2e}")
     assert err <= TOLERANCE
+    image = sorted((data / "drawings").glob("*.png"))[0]
+    zero_shot_err = _max_err(onnx_model.zero_shot([image], CAPTIONS)[0], torch_model.zero_shot([image], CAPTIONS)[0])
+    print(f"zero-shot probabilities from the ONNX folder vs PyTorch: max error {zero_shot_err:.2e}")
+    assert zero_shot_err <= TOLERANCE
 
 
 def test_int8_export_keeps_the_embeddings(fixture_export, tmp_path):
