@@ -72,17 +72,17 @@ def main() -> None:
         for mode, m in modes.items():  # the same inputs in every mode (cases() draws images from torch's RNG)
             torch.manual_seed(0)
             mode_cases[mode] = throughput.cases(m, np.random.default_rng(0))
-        rows = []
+        print_header(args, peak, model.is_packed)
         for name in args.cases.split(","):
-            print(f"  measuring {name} ...", file=sys.stderr, flush=True)
             times, errors = measure(mode_cases, name, args.runs)
             n, _, lengths = mode_cases["packed"][name]
-            rows.append((name, n, throughput.encoder_flops(model.config.encoder, lengths), times, errors))
-        after = throughput.matmul_peak(args.runs)
-    print_rows(args, rows, max(peak, after), model.is_packed)
+            print_rows(name, n, throughput.encoder_flops(model.config.encoder, lengths), times, errors, peak)
+            fp32.release()  # one branch's sessions at a time: the base graphs hold ~1.6 GB (+ ORT's prepacking)
+            int8.release()
+    print(f"matmul peak after the cases: {throughput.matmul_peak(args.runs):.0f} GFLOP/s")
 
 
-def print_rows(args, rows, peak: float, packed: bool) -> None:
+def print_header(args, peak: float, packed: bool) -> None:
     cfg = throughput.get_config("one-peace-base").encoder if args.size == "base" else None
     print(f"size {args.size}{f': D={cfg.embed_dim} F={cfg.ffn_embed_dim} L={cfg.layers}' if cfg else ''}; "
           f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, "
@@ -91,13 +91,16 @@ def print_rows(args, rows, peak: float, packed: bool) -> None:
           f"{args.clock} clock; speed-up vs packed; max err = max |emb - packed emb|")
     header = f"{'case':<22} {'mode':<9} {'latency':>10} {'items/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'speed-up':>9} {'max err':>9}"
     print(header)
-    print("-" * len(header))
-    for name, n, flops, times, errors in rows:
-        for mode, t in times.items():
-            gflops = flops / t / 1e9
-            ratio = f"{times['packed'] / t:>8.2f}x" if mode != "packed" else ""
-            print(f"{name:<22} {mode:<9} {t * 1000:>8.1f}ms {n / t:>9.2f} {gflops:>8.1f} {100 * gflops / peak:>6.1f}% "
-                  f"{ratio:>9} {errors[mode]:>9.1e}")
+    print("-" * len(header), flush=True)
+
+
+def print_rows(name: str, n: int, flops: float, times: dict, errors: dict, peak: float) -> None:
+    """One case's rows, printed as soon as it is measured."""
+    for mode, t in times.items():
+        gflops = flops / t / 1e9
+        ratio = f"{times['packed'] / t:>8.2f}x" if mode != "packed" else ""
+        print(f"{name:<22} {mode:<9} {t * 1000:>8.1f}ms {n / t:>9.2f} {gflops:>8.1f} {100 * gflops / peak:>6.1f}% "
+              f"{ratio:>9} {errors[mode]:>9.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,10 @@ class OnnxModel:
             self._sessions[modality] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return self._sessions[modality]
 
+    def release(self) -> None:
+        """Drop the ONNX Runtime sessions (their weights and buffers); the next call creates them again."""
+        self._sessions.clear()
+
     def __call__(self, text: torch.Tensor | None = None, image: torch.Tensor | None = None,
                  audio: torch.Tensor | None = None, audio_padding_mask: torch.Tensor | None = None,
                  joint: bool = False, **other: torch.Tensor) -> ModelOutput:
