@@ -81,14 +81,10 @@ class BranchGraph(nn.Module):
 
     def forward(self, value: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         model, name = self.model, self.modality
-        # the adapter with grad mode on: its inference-only paths (chosen by `not torch.is_grad_enabled()`,
-        # e.g. audio's time-major products on oneDNN-packed weights) are not exportable; nothing is
-        # backpropagated. The encoder runs its inference path (fused q/k/v and GeGLU inputs).
-        with torch.enable_grad():
-            if name == "audio":
-                out = model.embed_inputs(name, value, padding_mask)  # mask (B, T' + 1), CLS included
-            else:
-                out = model.embed_inputs(name, value)
+        if name == "audio":
+            out = model.embed_inputs(name, value, padding_mask)  # mask (B, T' + 1), CLS included
+        else:
+            out = model.embed_inputs(name, value)
         if name == "text":  # the given mask (B, T) for the tokens, CLS never padding
             out.padding_mask = torch.cat([torch.zeros_like(padding_mask[:, :1]), padding_mask], dim=1)
         x = out.tokens  # (B, S, D)
@@ -160,7 +156,7 @@ def export_onnx(model, out_dir: str | os.PathLike, modalities: Sequence[str] | N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     was_packed, was_reference, was_training = model.is_packed, model.reference_mode, model.training
-    model.to_dense().eval().fuse_for_inference()  # one q/k/v and one GeGLU-input product per layer in the graphs
+    model.to_dense().eval()
     model.reference_mode = False
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "opset": opset, "torch": torch.__version__,
                 "onnxruntime": ort.__version__, "weights": quantize or "float32", "graphs": {}, "check": {},
@@ -171,21 +167,12 @@ def export_onnx(model, out_dir: str | os.PathLike, modalities: Sequence[str] | N
     finally:
         model.reference_mode = was_reference
         if was_packed:
-            model.to_packed()  # unfuses first
-        else:
-            _unfuse(model)
-            model.train(was_training)
+            model.to_packed()
+        elif was_training:
+            model.train()
     model.config.select(names).save(out / "config.json")
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
-
-
-def _unfuse(model) -> None:
-    """Drop the fused inference tensors `export_onnx` made (the parameters keep their values)."""
-    for layer in model.encoder.layers:
-        layer.attn.unfuse_projections()
-        for expert in layer.ffn.values():
-            expert.unfuse_projections()
 
 
 def _export_branch(model, name: str, out: Path, opset: int, quantize: str | None) -> tuple[dict, float]:
@@ -200,7 +187,10 @@ def _export_branch(model, name: str, out: Path, opset: int, quantize: str | None
         with torch.no_grad():
             fixed = model.attention_masks([(name, model.embed_inputs(name, example[0]))], None, torch.float32)
     graph = BranchGraph(model, name, fixed)
-    with torch.no_grad(), warnings.catch_warnings():
+    # grad mode on: the model's inference-only in-place/real-row paths are chosen by `not
+    # torch.is_grad_enabled()`; the traced graph must be the plain computation (weights get no grad:
+    # nothing is backpropagated)
+    with torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings of the Python-side input checks (kept as checks)
         torch.onnx.export(graph, example, str(path), input_names=list(inputs), output_names=["embedding"],
                           dynamic_axes={**axes, "embedding": {0: "batch"}}, opset_version=opset,
