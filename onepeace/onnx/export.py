@@ -96,7 +96,7 @@ class BranchGraph(nn.Module):
         else:
             masks = model.attention_masks([(name, out)], pad, x.dtype)  # bias (+ -inf padded keys)
         layout = [(name, x.shape[1])]
-        if pad is None:
+        if pad is None or masks is None:  # (no bias tables: no mask at all, as OnePeaceModel.encode)
             hidden = model.encoder(x, masks, layout)  # (B, S, D) after the final LayerNorm
         else:  # projections, norms and FFNs on the N real rows only (a mixed batch costs its tokens)
             rows = RealRows(pad)
