@@ -201,6 +201,23 @@ def print_table(args, rows, modes, peaks: tuple[float, float]) -> None:
             print(f"{name:<22} {mode:<9} {t * 1000:>8.1f}ms {n / t:>9.2f} {gflops:>8.1f} {100 * gflops / peak:>6.1f}% {ratio:>9}")
 
 
+def onnx_modes(args, dtype: torch.dtype, dense: onepeace.OnePeaceModel | None = None) -> dict:
+    """--onnx: 'onnx' and 'onnx-int8', the same seeded weights exported (onepeace.onnx.export_onnx) and
+    run by ONNX Runtime (float32 graphs; ONNX Runtime's dynamic int8)."""
+    import tempfile
+
+    from onepeace.onnx import export_onnx, load_onnx
+
+    if args.device != "cpu" or dtype != torch.float32:
+        raise SystemExit("--onnx runs on CPU in float32 (ONNX Runtime's own int8 is the onnx-int8 mode)")
+    model, modes = dense if dense is not None else build(args.size), {}  # the dense mode's model: no extra copy
+    for mode, quantize in (("onnx", None), ("onnx-int8", "int8")):
+        out = export_onnx(model, tempfile.mkdtemp(prefix=f"onepeace-{mode}-"), quantize=quantize)
+        modes[mode] = load_onnx(out)
+        print(f"{mode}: {out}, max |onnx - torch| at export: {modes[mode].manifest['check']}", file=sys.stderr)
+    return modes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="base", choices=["base", "4b-layer"])
@@ -213,6 +230,7 @@ def main() -> None:
                         help="compute dtype of every mode and of the peak (on a GPU: bfloat16)")
     parser.add_argument("--fuse", action="store_true", help="fused q/k/v and GeGLU projections (GPU default)")
     parser.add_argument("--no-pack", action="store_true", help="on CPU, measure the dense mode only (no packed row)")
+    parser.add_argument("--onnx", action="store_true", help="add ONNX Runtime modes: onnx (float32) and onnx-int8")
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
                         help="process: time by this process's CPU seconds, which other jobs on a shared machine "
                              "do not inflate; use with --threads 1, where CPU seconds = single-core latency")
@@ -225,6 +243,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     peak = matmul_peak(args.runs, args.device, dtype)
     modes = build_modes(args, dtype)
+    if args.onnx:
+        modes.update(onnx_modes(args, dtype, modes.get("dense")))
     mode_cases = {mode: cases(model, np.random.default_rng(0)) for mode, model in modes.items()}
     rows = []
     for name, (n, _, lengths) in next(iter(mode_cases.values())).items():

@@ -35,7 +35,8 @@ def create_model(name_or_config: str | ModelConfig, device: torch.device | str =
 def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32,
          modalities: Sequence[str] | None = None, allow_unsafe_pickle: bool = False, fuse: bool | None = None,
          compile: bool = False, pack: bool | None = None) -> OnePeaceModel:
-    """Load a released ONE-PEACE `.pt` checkpoint, a folder written by `onepeace convert`, or a released
+    """Load a released ONE-PEACE `.pt` checkpoint, a folder written by `onepeace convert`, a folder written by
+    `onepeace export --format onnx` (an `onepeace.onnx.OnnxModel`: the same encode_* API on ONNX Runtime), or a released
     checkpoint by name (see :func:`list_pretrained`: "one-peace" is the 4B model), fetched into
     ``${ONEPEACE_CACHE:-~/.cache/onepeace}`` and converted once on first use.
 
@@ -65,6 +66,10 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
         if path in PRETRAINED:  # a released checkpoint by name: downloaded, checked, converted once
             path = resolve(path)
     path = Path(path)
+    from .onnx.export import is_onnx_folder
+
+    if is_onnx_folder(path):  # `onepeace export --format onnx`: the graphs behind the same encode_* API
+        return _load_onnx(path, device, dtype, modalities, fuse, compile, pack)
     if path.is_dir():
         if not (path / CONFIG_FILE).exists():
             raise FileNotFoundError(f"{path} is a folder without {CONFIG_FILE}: not a converted onepeace model")
@@ -87,6 +92,16 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     if compile:
         model.compile_encoder()
     return model
+
+
+def _load_onnx(path: Path, device, dtype, modalities, fuse, compile, pack):
+    """An exported ONNX folder -> onepeace.onnx.OnnxModel (CPU, float32 inputs; PyTorch-only options refused)."""
+    from .onnx.runtime import load_onnx
+
+    if torch.device(device).type != "cpu" or dtype not in (torch.float32, None) or fuse or compile or pack:
+        raise ValueError(f"{path} is an ONNX export (run by onnxruntime on CPU, weights as exported): "
+                         "device, dtype, fuse, compile and pack do not apply; load it with the defaults")
+    return load_onnx(path, modalities=modalities)
 
 
 def list_pretrained():

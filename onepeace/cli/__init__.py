@@ -6,11 +6,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import demo, embed, evaluate, heads, models, pretrained, search, serve, train, zero_shot
+from . import demo, embed, evaluate, export, heads, models, pretrained, search, serve, train, zero_shot
 from .common import shared_flags
 
 # in the order `onepeace --help` lists them
-COMMAND_GROUPS = (embed, search, zero_shot, serve, models, pretrained, train, heads, demo, evaluate)
+COMMAND_GROUPS = (embed, search, zero_shot, serve, models, export, pretrained, train, heads, demo, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

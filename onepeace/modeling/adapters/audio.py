@@ -82,7 +82,8 @@ class ConvPositionalEmbedding(nn.Module):
             x = conv(x)
             if self.kernel % 2 == 0:
                 x = x[:, :, :-1]
-            x = F.layer_norm(x.transpose(1, 2), (x.shape[1],)).transpose(1, 2)
+            # normalized_shape from the module, not x.shape: a constant for the ONNX exporter
+            x = F.layer_norm(x.transpose(1, 2), (conv.out_channels,)).transpose(1, 2)
             x = F.gelu(x)
         return x.transpose(1, 2)
 
