@@ -55,6 +55,17 @@ def reference(inputs):
     return embeddings(model, inputs)
 
 
+@pytest.fixture(autouse=True)
+def restore_threads(monkeypatch):
+    """apply_choice may set torch's (process-wide) thread count, e.g. to 1 where a busy machine made 2
+    threads measure slower, and remembers it in cpu_choice._threads_changed: undo both after each test,
+    so the next test's key uses the count it starts with."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(cpu_choice, "_threads_changed", None)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """The probe on, with a temporary cache folder; returns the cache file's path."""
