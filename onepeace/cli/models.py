@@ -12,6 +12,8 @@ def register(sub, flags: Flags) -> None:
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="storage dtype of the output (default: keep)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: the encoder's linear layers stored as int8 + per-channel scales (CPU inference)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", parents=[flags.model], help="config, parameters per modality, dtype")
@@ -23,8 +25,16 @@ def register(sub, flags: Flags) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     from ..checkpoint import load_released_checkpoint, save_converted
 
+    if args.quantize:
+        from ..modeling.quantized import check_quantize
+
+        check_quantize(args.quantize, dtype=args.dtype)  # before reading the checkpoint
     model, report = load_released_checkpoint(args.checkpoint, dtype=args.dtype, modalities=args.modalities,
                                              allow_unsafe=args.allow_unsafe_pickle)
+    if args.quantize:
+        from ..modeling.quantized import quantize_int8
+
+        print(f"quantised {quantize_int8(model, pack=False)} encoder linear layers to int8")
     out = save_converted(model, args.out_dir)
     print(report.summary())
     n = sum(p.numel() for p in model.parameters())
@@ -37,11 +47,12 @@ def parameter_counts(model) -> dict[str, int]:
     from ..checkpoint import _our_key_modality
 
     from ..modeling.packed import PackedLinear
+    from ..modeling.quantized import Int8Linear
 
-    # a packed layer's weight is not a Parameter (it lives packed inside the PackedLinear): count it too
+    # a packed or int8 layer's weight is not a Parameter (it lives packed inside the layer): count it too
     sizes = [(name, p.numel()) for name, p in model.named_parameters()]
     sizes += [(f"{name}.weight", m.in_features * m.out_features) for name, m in model.named_modules()
-              if isinstance(m, PackedLinear)]
+              if isinstance(m, (PackedLinear, Int8Linear))]
     counts = {"shared": 0, **{m: 0 for m in model.modalities}}
     for name, n in sizes:
         counts[_our_key_modality(name, model.modalities) or "shared"] += n
