@@ -37,8 +37,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"quantised {quantize_int8(model, pack=False)} encoder linear layers to int8")
     out = save_converted(model, args.out_dir)
     print(report.summary())
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} ({n:,} parameters, {model.dtype})")
+    n = sum(parameter_counts(model).values())
+    kind = "encoder linears int8, the rest " if args.quantize else ""
+    print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} ({n:,} parameters, {kind}{model.dtype})")
     return 0
 
 
@@ -60,12 +61,15 @@ def parameter_counts(model) -> dict[str, int]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from ..modeling.quantized import quantization
+
     model = load_model(args)
     report = model.load_report
     counts = parameter_counts(model)
     info = {
         "model": str(args.model), "modalities": list(model.modalities), "dtype": str(model.dtype).replace("torch.", ""),
-        "device": str(model.device), "parameters": {"total": sum(counts.values()), **counts},
+        "device": str(model.device), "quantize": quantization(model),
+        "parameters": {"total": sum(counts.values()), **counts},
         "not_loaded": report.skipped_modalities, "storage_dtypes": report.storage_dtypes,
         "config": model.config.to_dict(),
     }
@@ -83,7 +87,9 @@ def _print_info(path, model, info: dict) -> None:
           f"(magneto={enc.magneto_scale_attn}, scale_fc={enc.scale_fc}, layer_scale={enc.use_layer_scale}, "
           f"rel_pos_tables={enc.rel_pos_tables})")
     print(f"modalities   {', '.join(model.modalities)}")
-    print(f"dtype        {info['dtype']} (stored: {', '.join(f'{k} x{v}' for k, v in report.storage_dtypes.items())})")
+    quantized = " with the encoder's linear layers int8" if info["quantize"] else ""
+    print(f"dtype        {info['dtype']}{quantized} (stored: "
+          f"{', '.join(f'{k} x{v}' for k, v in report.storage_dtypes.items())})")
     print(f"parameters   {info['parameters']['total']:,} total")
     for branch, n in info["parameters"].items():
         if branch != "total":
