@@ -65,13 +65,16 @@ def test_convert_round_trip(tmp_path, int8_model, tiny_expected, capsys):
     assert main(["convert", str(require(TINY_CKPT)), str(out), "--quantize", "int8"]) == 0
     assert "quantised 39 encoder linear layers to int8" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["quantize"] == "int8"
-    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:  # our writer, safetensors' reader
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        q_proj = f.get_tensor("encoder.layers.0.attn.q_proj.weight"), f.get_tensor("encoder.layers.0.attn.q_proj.bias")
     assert dtypes["encoder.layers.0.attn.q_proj.weight"] == "I8"
     assert dtypes["encoder.layers.0.attn.q_proj.weight_scale"] == "F32"
     assert sum(d == "I8" for d in dtypes.values()) == 39
 
     reloaded = onepeace.load(out)
+    layer = reloaded.encoder.layers[0].attn.q_proj
+    assert torch.equal(layer.int8_weight()[0], q_proj[0]) and torch.equal(layer.bias, q_proj[1])
     assert isinstance(reloaded.encoder.layers[0].ffn["text"].wi_0, Int8Linear)
     assert reloaded.load_report.storage_dtypes["int8"] == 39
     assert any("int8" in note for note in reloaded.load_report.config_notes)

@@ -1,6 +1,7 @@
 """Our own format: a folder of config.json + model.safetensors (our parameter names, any dtype)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +27,10 @@ def save_converted(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
     state = {k: v.detach().clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size()
              else v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "library": "onepeace"})
+    if "quantize" in json.loads((out / CONFIG_FILE).read_text()):
+        _write_plain(state, tmp)  # the 4B int8 model: no second in-memory copy of its ~4 GB
+    else:
+        save_file(state, str(tmp), metadata={"format": "pt", "library": "onepeace"})
     os.replace(tmp, out / WEIGHTS_FILE)
     return out
 
@@ -127,8 +131,6 @@ def _read_weights(folder: Path, model, config, all_modalities, report: LoadRepor
 
 def _save_config(model: torch.nn.Module, path: Path) -> None:
     """config.json: the model's config, plus "quantize": "int8" for an int8-quantised model."""
-    import json
-
     from ..modeling.quantized import quantization
 
     data = model.config.to_dict()
@@ -139,8 +141,6 @@ def _save_config(model: torch.nn.Module, path: Path) -> None:
 
 def _read_quantize(path: Path) -> str | None:
     """config.json's "quantize" (None for a float folder); an unknown value is a CheckpointError."""
-    import json
-
     from ..modeling.quantized import QUANTIZE_CHOICES
 
     quantize = json.loads(path.read_text()).get("quantize")
@@ -176,12 +176,30 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
               "BOOL": torch.bool}
 
 
+def _write_plain(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file tensor by tensor (safetensors' save_file first serialises every
+    tensor to bytes in memory: a second copy of the model, which the 4B int8 conversion cannot afford)."""
+    names = {dtype: name for name, dtype in _ST_DTYPES.items()}
+    header: dict = {"__metadata__": {"format": "pt", "library": "onepeace"}}
+    offset = 0
+    for key, t in state.items():
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to a multiple of 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for t in state.values():
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
 class _PlainSafetensors:
     """A safetensors file read tensor by tensor with plain reads (``safe_open``'s API: keys,
     get_tensor), so that the file's pages never count in this process's resident memory."""
 
     def __init__(self, path: str, framework: str = "pt", device: str = "cpu"):
-        import json
         import struct
 
         self._file = open(path, "rb")
