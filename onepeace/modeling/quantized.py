@@ -70,6 +70,31 @@ def reduce_range() -> bool:
     return not ({"avx512_vnni", "avx_vnni"} & set(flags))
 
 
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library, another OS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere nothing).
+
+    Why: converting layer after layer allocates a temporary (the quantised tensor fbgemm packs from)
+    and a packed weight of nearly the same size in turn; each freed temporary is split by the next
+    allocation and the heap grows by both. We measured a (6144, 1536) layer costing 1.36x its int8
+    bytes, (3072, 768) ~3x, and the 4B int8 load peaking at 1.28x its weights; trimming after each
+    layer brings a layer to 1.01-1.16x (~1 ms a call)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float weight -> (int8 (out, in), float32 scale (out,)): symmetric per output channel."""
     w = weight.detach().float()
@@ -240,6 +265,8 @@ def quantize_int8(model: nn.Module, pack: bool = True) -> int:
     count = 0
     for parent, attr, layer in _linears(model.encoder):
         setattr(parent, attr, Int8Linear.from_linear(layer, pack=pack))
+        del layer  # its float weight is freed here: hand the pages back before the next layer
+        release_freed_memory()
         count += 1
     model.requires_grad_(False)
     return count
