@@ -2,12 +2,17 @@
 
     python benchmarks/load_4b.py                       # bfloat16 and float32
     python benchmarks/load_4b.py --dtypes bfloat16 --skip-audio
+    python benchmarks/load_4b.py --dtypes int8          # the int8 folder (`onepeace convert --quantize int8`)
 
 The first run writes a synthetic checkpoint with the exact released 4B layout (every key and shape of
 `one-peace-4b-retrieval-keys.tsv`, random bfloat16 weights, the released file format: a torch.save'd
 dict with cfg, model, extra_state; ~7.8 GB) to --path, once. Each dtype is then measured in a fresh
 process: load time, peak RSS (ru_maxrss) against the weight bytes at that dtype, and the latency of
 the first embedding of an image (256 px), a text and a 15-s audio clip.
+
+"int8": the checkpoint is converted once (`onepeace convert --quantize int8`, in its own process) to a
+folder beside it, and the measured process loads that folder (int8 encoder linears packed for fbgemm
+as they are read, float32 elsewhere); its weight bytes are the int8 weights + scales + float32 rest.
 """
 from __future__ import annotations
 
@@ -63,12 +68,17 @@ import json, resource, sys, time
 import numpy as np, torch
 import onepeace
 path, dtype_name, skip_audio = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-dtype = getattr(torch, dtype_name)
+dtype = torch.float32 if dtype_name == "int8" else getattr(torch, dtype_name)
 t = time.perf_counter()
 model = onepeace.load(path, dtype=dtype)
 load_s = time.perf_counter() - t
 rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+if dtype_name == "int8":
+    from onepeace.modeling.quantized import quantization, weight_bytes
+    assert quantization(model) == "int8", "the int8 folder did not load as int8"
+    weight_bytes = weight_bytes(model)
+else:
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 out = {"dtype": dtype_name, "load_s": load_s, "peak_rss_load_gb": rss_after_load / 1e9,
        "weight_gb": weight_bytes / 1e9, "rss_ratio": rss_after_load / weight_bytes}
 with torch.inference_mode():
@@ -82,6 +92,21 @@ with torch.inference_mode():
 out["peak_rss_total_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 print("RESULT", json.dumps(out))
 """
+
+
+def int8_folder(path: Path) -> Path:
+    """The int8 conversion of the synthetic checkpoint (made once, in its own process; its peak RSS printed)."""
+    out = path.with_name(path.stem + "-int8")
+    if not (out / "model.safetensors").exists():
+        t = time.time()
+        print(f"converting to int8 (once): {out} ...", flush=True)
+        code = ("import resource, sys; from onepeace.cli import main; rc = main(sys.argv[1:]); "
+                "print(f'convert peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB'); "
+                "sys.exit(rc)")
+        subprocess.run([sys.executable, "-c", code, "convert", str(path), str(out), "--quantize", "int8"], check=True)
+        size = sum(f.stat().st_size for f in out.iterdir())
+        print(f"  {size / 1e9:.2f} GB in {time.time() - t:.0f} s", flush=True)
+    return out
 
 
 def main() -> None:
@@ -101,7 +126,8 @@ def main() -> None:
     print(f"{'dtype':<9} {'load':>7} {'weights':>8} {'peak RSS':>9} {'RSS/weights':>11} {'1st image':>10} "
           f"{'1st text':>9} {'1st 15-s audio':>15}")
     for dtype in args.dtypes.split(","):
-        proc = subprocess.run([sys.executable, "-c", MEASURE, str(args.path), dtype, "1" if args.skip_audio else "0"],
+        path = int8_folder(args.path) if dtype == "int8" else args.path
+        proc = subprocess.run([sys.executable, "-c", MEASURE, str(path), dtype, "1" if args.skip_audio else "0"],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{dtype}: failed\n{proc.stderr[-2000:]}")

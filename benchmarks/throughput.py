@@ -9,6 +9,7 @@ the 'packed' and 'dense' weights.
     python benchmarks/throughput.py                      # base size (D=768, L=12, H=12, F=3072)
     python benchmarks/throughput.py --size 4b-layer      # the 4B layer shape (D=1536, F=6144, H=24), 2 layers
     python benchmarks/throughput.py --runs 5 --only text
+    python benchmarks/throughput.py --quantize int8      # adds an int8 row per case (CPU, float32)
     python benchmarks/throughput.py --device cuda --dtype bfloat16 --size 4b-layer   # on a GPU
 
 Random weights (speed does not depend on them); medians of --runs runs after one warm-up.
@@ -166,6 +167,12 @@ def build_modes(args, dtype: torch.dtype) -> dict[str, onepeace.OnePeaceModel]:
         if not args.no_pack:
             modes["packed"] = build(args.size, args.device, dtype).to_packed()  # what load does on CPU
         modes["dense"] = build(args.size, args.device, dtype)
+    if args.quantize == "int8":  # onepeace.load(..., quantize="int8"): int8 encoder linears (fbgemm)
+        from onepeace.modeling.quantized import check_quantize, quantize_int8
+
+        check_quantize("int8", device=args.device, dtype=dtype)  # CPU, float32
+        modes["int8"] = build(args.size, args.device, dtype)
+        quantize_int8(modes["int8"])
     modes["reference"] = build(args.size, args.device, dtype)
     modes["reference"].reference_mode = True
     return modes
@@ -231,6 +238,8 @@ def main() -> None:
     parser.add_argument("--fuse", action="store_true", help="fused q/k/v and GeGLU projections (GPU default)")
     parser.add_argument("--no-pack", action="store_true", help="on CPU, measure the dense mode only (no packed row)")
     parser.add_argument("--onnx", action="store_true", help="add ONNX Runtime modes: onnx (float32) and onnx-int8")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="add an 'int8' mode (the encoder's linears int8, CPU float32 only) beside the others")
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
                         help="process: time by this process's CPU seconds, which other jobs on a shared machine "
                              "do not inflate; use with --threads 1, where CPU seconds = single-core latency")

@@ -34,7 +34,7 @@ def create_model(name_or_config: str | ModelConfig, device: torch.device | str =
 
 def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32,
          modalities: Sequence[str] | None = None, allow_unsafe_pickle: bool = False, fuse: bool | None = None,
-         compile: bool = False, pack: bool | None = None) -> OnePeaceModel:
+         compile: bool = False, pack: bool | None = None, quantize: str | None = None) -> OnePeaceModel:
     """Load a released ONE-PEACE `.pt` checkpoint, a folder written by `onepeace convert`, a folder written by
     `onepeace export --format onnx` (an `onepeace.onnx.OnnxModel`: the same encode_* API on ONNX Runtime), or a released
     checkpoint by name (see :func:`list_pretrained`: "one-peace" is the 4B model), fetched into
@@ -56,6 +56,10 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
         (`onepeace.modeling.cpu_choice`: cached in ${ONEPEACE_CACHE:-~/.cache/onepeace}/cpu-choice.json,
         ONEPEACE_CPU_PROBE=0 skips it: packed), reported in ``model.load_report.cpu_choice``.
         A packed model refuses training and gradients: ``model.to_dense()`` (or pack=False) for those.
+    quantize: "int8" quantises the encoder's linear layers (int8 weights per output channel, activations
+        quantised per call: PyTorch's dynamic quantisation, `onepeace.modeling.quantized`): CPU and
+        float32 only, inference only, not with pack=True, fuse or compile. A folder written by
+        ``onepeace convert --quantize int8`` loads as int8 without it (its config.json says so).
     The returned model is in eval mode; `model.load_report` says what was ignored or recomputed.
     """
     from .checkpoint import CONFIG_FILE, load_converted, load_released_checkpoint
@@ -69,14 +73,20 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     from .onnx.export import is_onnx_folder
 
     if is_onnx_folder(path):  # `onepeace export --format onnx`: the graphs behind the same encode_* API
+        if quantize is not None:
+            raise ValueError(f"{path} is an ONNX export: quantize with `onepeace export --quantize int8` instead")
         return _load_onnx(path, device, dtype, modalities, fuse, compile, pack)
+    if quantize is not None:
+        _check_quantize_args(quantize, device, dtype, pack, fuse, compile)
     if path.is_dir():
         if not (path / CONFIG_FILE).exists():
             raise FileNotFoundError(f"{path} is a folder without {CONFIG_FILE}: not a converted onepeace model")
         model, _ = load_converted(path, modalities=modalities, dtype=dtype, device=device)
     else:
-        model, _ = load_released_checkpoint(path, modalities=modalities, dtype=dtype, device=device,
-                                            allow_unsafe=allow_unsafe_pickle)
+        model, _ = load_released_checkpoint(path, modalities=modalities, dtype=None if quantize else dtype,
+                                            device=device, allow_unsafe=allow_unsafe_pickle)
+    if quantize is not None or _int8(model):
+        return _quantized(model, quantize, device, dtype, pack, fuse, compile)
     fused = bool(fuse or (fuse is None and torch.device(device).type == "cuda"))
     if pack and (compile or fuse):
         raise ValueError(f"pack=True and {'compile' if compile else 'fuse'}=True do not mix: packed weights cannot "
@@ -102,6 +112,34 @@ def _load_onnx(path: Path, device, dtype, modalities, fuse, compile, pack):
         raise ValueError(f"{path} is an ONNX export (run by onnxruntime on CPU, weights as exported): "
                          "device, dtype, fuse, compile and pack do not apply; load it with the defaults")
     return load_onnx(path, modalities=modalities)
+
+
+def _check_quantize_args(quantize, device, dtype, pack, fuse, compile) -> None:
+    """Clear errors for what int8 cannot do (GPU, another dtype, oneDNN packing, fusing, compiling)."""
+    from .modeling.quantized import check_quantize
+
+    check_quantize(quantize, device=device, dtype=dtype)
+    for name, value in (("pack", pack), ("fuse", fuse), ("compile", compile)):
+        if value:
+            raise ValueError(f"quantize={quantize!r} and {name}=True do not mix: the int8 layers use their own "
+                             f"(fbgemm) packed weights; drop {name}=")
+
+
+def _int8(model: OnePeaceModel) -> bool:
+    from .modeling.quantized import quantization
+
+    return quantization(model) is not None
+
+
+def _quantized(model: OnePeaceModel, quantize, device, dtype, pack, fuse, compile) -> OnePeaceModel:
+    """A loaded model made (or, from an int8 folder, already) int8; the rest cast to float32."""
+    from .modeling.quantized import quantize_int8
+
+    _check_quantize_args(quantize or "int8", device, dtype, pack, fuse, compile)
+    if not _int8(model):
+        n = quantize_int8(model)  # layer by layer: each float weight released as it is replaced
+        model.load_report.config_notes.append(f"quantize=int8: {n} encoder linear layers int8")
+    return model.to(torch.float32)
 
 
 def list_pretrained():

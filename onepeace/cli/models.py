@@ -12,6 +12,8 @@ def register(sub, flags: Flags) -> None:
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="storage dtype of the output (default: keep)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: the encoder's linear layers stored as int8 + per-channel scales (CPU inference)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", parents=[flags.model], help="config, parameters per modality, dtype")
@@ -23,12 +25,21 @@ def register(sub, flags: Flags) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     from ..checkpoint import load_released_checkpoint, save_converted
 
+    if args.quantize:
+        from ..modeling.quantized import check_quantize
+
+        check_quantize(args.quantize, dtype=args.dtype)  # before reading the checkpoint
     model, report = load_released_checkpoint(args.checkpoint, dtype=args.dtype, modalities=args.modalities,
                                              allow_unsafe=args.allow_unsafe_pickle)
+    if args.quantize:
+        from ..modeling.quantized import quantize_int8
+
+        print(f"quantised {quantize_int8(model, pack=False)} encoder linear layers to int8")
     out = save_converted(model, args.out_dir)
     print(report.summary())
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} ({n:,} parameters, {model.dtype})")
+    n = sum(parameter_counts(model).values())
+    kind = "encoder linears int8, the rest " if args.quantize else ""
+    print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} ({n:,} parameters, {kind}{model.dtype})")
     return 0
 
 
@@ -37,11 +48,12 @@ def parameter_counts(model) -> dict[str, int]:
     from ..checkpoint import _our_key_modality
 
     from ..modeling.packed import PackedLinear
+    from ..modeling.quantized import Int8Linear
 
-    # a packed layer's weight is not a Parameter (it lives packed inside the PackedLinear): count it too
+    # a packed or int8 layer's weight is not a Parameter (it lives packed inside the layer): count it too
     sizes = [(name, p.numel()) for name, p in model.named_parameters()]
     sizes += [(f"{name}.weight", m.in_features * m.out_features) for name, m in model.named_modules()
-              if isinstance(m, PackedLinear)]
+              if isinstance(m, (PackedLinear, Int8Linear))]
     counts = {"shared": 0, **{m: 0 for m in model.modalities}}
     for name, n in sizes:
         counts[_our_key_modality(name, model.modalities) or "shared"] += n
@@ -49,12 +61,15 @@ def parameter_counts(model) -> dict[str, int]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from ..modeling.quantized import quantization
+
     model = load_model(args)
     report = model.load_report
     counts = parameter_counts(model)
     info = {
         "model": str(args.model), "modalities": list(model.modalities), "dtype": str(model.dtype).replace("torch.", ""),
-        "device": str(model.device), "parameters": {"total": sum(counts.values()), **counts},
+        "device": str(model.device), "quantize": quantization(model),
+        "parameters": {"total": sum(counts.values()), **counts},
         "not_loaded": report.skipped_modalities, "storage_dtypes": report.storage_dtypes,
         "config": model.config.to_dict(),
     }
@@ -72,7 +87,9 @@ def _print_info(path, model, info: dict) -> None:
           f"(magneto={enc.magneto_scale_attn}, scale_fc={enc.scale_fc}, layer_scale={enc.use_layer_scale}, "
           f"rel_pos_tables={enc.rel_pos_tables})")
     print(f"modalities   {', '.join(model.modalities)}")
-    print(f"dtype        {info['dtype']} (stored: {', '.join(f'{k} x{v}' for k, v in report.storage_dtypes.items())})")
+    quantized = " with the encoder's linear layers int8" if info["quantize"] else ""
+    print(f"dtype        {info['dtype']}{quantized} (stored: "
+          f"{', '.join(f'{k} x{v}' for k, v in report.storage_dtypes.items())})")
     print(f"parameters   {info['parameters']['total']:,} total")
     for branch, n in info["parameters"].items():
         if branch != "total":

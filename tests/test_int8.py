@@ -1,0 +1,133 @@
+"""int8 CPU inference (`onepeace.load(..., quantize="int8")`, `onepeace convert --quantize int8`):
+the official-tiny fixture error in int8, the converted folder's round trip, and the refusals."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import onepeace
+from onepeace.modeling.quantized import Int8Linear, int8_layers, quantize_weight, reduce_range
+
+from conftest import TINY_CKPT, fixture_embedding_errors, require
+
+#: bound on max |int8 - published| / max |published| of the fixture's text/image/audio embeddings. We
+#: measured 0.018 / 0.022 / 0.019 with 8-bit activations (VNNI CPUs) and 0.036 / 0.035 / 0.039 with
+#: torch.ao's 7-bit x86 default (CPUs without VNNI); float32 is ~5e-7.
+FIXTURE_BOUND = 0.03 if not reduce_range() else 0.05
+
+
+@pytest.fixture(scope="module")
+def int8_model():
+    return onepeace.load(require(TINY_CKPT), quantize="int8")
+
+
+def _embed(model, expected) -> dict[str, torch.Tensor]:
+    i = expected["inputs"]
+    with torch.inference_mode():
+        return model(text=i["src_tokens"], image=i["src_images"], audio=i["src_audios"],
+                     audio_padding_mask=i["audio_padding_masks"]).embeddings
+
+
+def test_fixture_error_in_int8(int8_model, tiny_expected):
+    layers = int8_layers(int8_model)
+    assert len(layers) == sum(1 for m in onepeace.create_model("one-peace-tiny", device="meta").encoder.modules()
+                              if type(m) is torch.nn.Linear)  # every encoder linear, nothing else
+    assert not any(name.startswith(("adapters.", "proj")) for name in layers)
+    errors = fixture_embedding_errors(int8_model, tiny_expected)
+    cosines = {m: torch.nn.functional.cosine_similarity(e, tiny_expected["outputs"][f"{m}_embed"]).min().item()
+               for m, e in _embed(int8_model, tiny_expected).items()}
+    print(f"\nofficial-tiny in int8 (reduce_range={reduce_range()}): max rel error "
+          + ", ".join(f"{m} {e:.4f}" for m, e in errors.items()) + f" (bound {FIXTURE_BOUND}); min cosine "
+          + ", ".join(f"{m} {c:.5f}" for m, c in cosines.items()))
+    assert all(e < FIXTURE_BOUND for e in errors.values()), errors
+    assert all(e > 1e-4 for e in errors.values()), f"int8 should not equal float32 exactly: {errors}"
+    assert all(c > 0.999 for c in cosines.values()), cosines
+
+
+def test_weight_quantisation_is_symmetric_per_channel():
+    w = torch.randn(6, 10) * torch.tensor([1e-3, 1, 10, 0, 5, 2])[:, None]
+    q, scale = quantize_weight(w)
+    assert q.dtype == torch.int8 and scale.shape == (6,) and q.abs().max() == 127
+    assert torch.all(q[3] == 0)  # an all-zero row stays zero (no division by zero)
+    err = ((q.float() * scale[:, None] - w).abs() / scale[:, None].clamp_min(1e-30)).max().item()
+    assert err <= 0.5 + 1e-4, err  # rounding: within half a step of each channel's own scale
+
+
+def test_convert_round_trip(tmp_path, int8_model, tiny_expected, capsys):
+    from safetensors import safe_open
+
+    from onepeace.cli import main
+
+    out = tmp_path / "int8"
+    assert main(["convert", str(require(TINY_CKPT)), str(out), "--quantize", "int8"]) == 0
+    assert "quantised 39 encoder linear layers to int8" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["quantize"] == "int8"
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:  # our writer, safetensors' reader
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        q_proj = f.get_tensor("encoder.layers.0.attn.q_proj.weight"), f.get_tensor("encoder.layers.0.attn.q_proj.bias")
+    assert dtypes["encoder.layers.0.attn.q_proj.weight"] == "I8"
+    assert dtypes["encoder.layers.0.attn.q_proj.weight_scale"] == "F32"
+    assert sum(d == "I8" for d in dtypes.values()) == 39
+
+    reloaded = onepeace.load(out)
+    layer = reloaded.encoder.layers[0].attn.q_proj
+    assert torch.equal(layer.int8_weight()[0], q_proj[0]) and torch.equal(layer.bias, q_proj[1])
+    assert isinstance(reloaded.encoder.layers[0].ffn["text"].wi_0, Int8Linear)
+    assert reloaded.load_report.storage_dtypes["int8"] == 39
+    assert any("int8" in note for note in reloaded.load_report.config_notes)
+    a, b = _embed(int8_model, tiny_expected), _embed(reloaded, tiny_expected)
+    for m in a:  # the folder holds exactly the in-memory model's int8 weights and scales
+        assert torch.equal(a[m], b[m]), (m, (a[m] - b[m]).abs().max().item())
+    # a text-only load reads the text branch and the shared layers only
+    text_only = onepeace.load(out, modalities=["text"])
+    assert "image" in text_only.load_report.skipped_modalities
+    tokens = tiny_expected["inputs"]["src_tokens"]
+    with torch.inference_mode():
+        assert torch.equal(text_only(text=tokens).embeddings["text"], reloaded(text=tokens).embeddings["text"])
+
+
+def test_folder_size_and_state_dict_round_trip(tmp_path, int8_model, tiny_expected):
+    from onepeace.checkpoint import save_converted
+
+    fp32 = save_converted(onepeace.load(require(TINY_CKPT), pack=False), tmp_path / "fp32")
+    q8 = save_converted(int8_model, tmp_path / "int8")  # from a packed (fbgemm) model: unpacked per layer
+    ratio = (q8 / "model.safetensors").stat().st_size / (fp32 / "model.safetensors").stat().st_size
+    print(f"\nint8 folder / float32 folder: {ratio:.2f}")
+    assert ratio < 0.6
+    clone = copy.deepcopy(int8_model)  # packed weights do not pickle: the int8 tensors travel
+    a, b = _embed(int8_model, tiny_expected), _embed(clone, tiny_expected)
+    assert all(torch.equal(a[m], b[m]) for m in a)
+
+
+def test_refusals(int8_model):
+    path = require(TINY_CKPT)
+    for kwargs, words in [(dict(device="cuda"), "CPU only"), (dict(dtype=torch.bfloat16), "dtype"),
+                          (dict(pack=True), "pack=True"), (dict(fuse=True), "fuse=True"),
+                          (dict(compile=True), "compile=True")]:
+        with pytest.raises(ValueError, match=words):
+            onepeace.load(path, quantize="int8", **kwargs)
+    with pytest.raises(ValueError, match="'int4' is not supported"):
+        onepeace.load(path, quantize="int4")
+    with pytest.raises(RuntimeError, match="cannot train"):
+        int8_model.train()
+    with pytest.raises(RuntimeError, match="cannot convert"):
+        int8_model.to(torch.bfloat16)
+    layer = int8_layers(int8_model)["encoder.layers.0.attn.q_proj"]
+    with pytest.raises(RuntimeError, match="no backward"):
+        layer(torch.randn(2, layer.in_features, requires_grad=True))
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():  # the layer computes x (int8 W * scale)^T + b, up to activation rounding
+        ref = x @ layer.dense_weight().T + layer.bias
+        rel = ((layer(x) - ref).abs().max() / ref.abs().max()).item()
+    assert rel < 0.02, rel
+
+
+def test_convert_refuses_before_reading(tmp_path, capsys):
+    from onepeace.cli import main
+
+    assert main(["convert", str(require(TINY_CKPT)), str(tmp_path / "x"), "--quantize", "int8",
+                 "--dtype", "bfloat16"]) == 2
+    assert "dtype" in capsys.readouterr().err and not (tmp_path / "x").exists()
