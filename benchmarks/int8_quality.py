@@ -28,6 +28,8 @@ from onepeace.demo.run import evaluate_arm
 from onepeace.eval.zero_shot import evaluate
 
 COSINE_TARGET, METRIC_TARGET = 0.99, 0.01
+# the metrics are float32 fractions (2 of 200 clips: 0.0100000054): compare at float32 resolution
+FLOAT32_SLACK = 1e-6
 
 
 def load_both(model_dir: str, bpe_dir: str | None) -> dict[str, onepeace.OnePeaceModel]:
@@ -81,8 +83,8 @@ def main() -> None:
         d = b - a
         if not math.isnan(d):
             worst = max(worst, abs(d))
-        print(f"{key:<40} {a:>8.4f} {b:>8.4f} {d:>+8.4f}  {'ok' if abs(d) <= METRIC_TARGET + 1e-9 else 'MISSED'}")
-    ok = all(c["mean"] >= COSINE_TARGET for c in cos.values()) and worst <= METRIC_TARGET + 1e-9
+        print(f"{key:<40} {a:>8.4f} {b:>8.4f} {d:>+8.4f}  {'ok' if abs(d) <= METRIC_TARGET + FLOAT32_SLACK else 'MISSED'}")
+    ok = all(c["mean"] >= COSINE_TARGET for c in cos.values()) and worst <= METRIC_TARGET + FLOAT32_SLACK
     print(f"\nworst metric difference {worst:.4f}; all targets {'met' if ok else 'NOT met'}")
     if args.json:
         args.json.write_text(json.dumps({"cosine": cos, "metrics": metrics, "seconds": seconds}, indent=2) + "\n")

@@ -14,6 +14,7 @@ import onepeace
 from conftest import ASSETS, BPE_DIR, require
 
 KEYS = ["image_zero_shot_top1", "audio_zero_shot_top1_heldout_voices", "audio_zero_shot_top1_heldout_engine",
+        "audio_zero_shot_top1_word_heldout_voices", "audio_zero_shot_top1_word_heldout_engine",
         "audio_to_image_r1", "image_to_text_r1", "audio_to_text_r1", "minutes"]
 
 pytestmark = pytest.mark.slow  # every test here runs (or reuses) the quick demo: minutes
@@ -48,13 +49,15 @@ def test_learning_happened(demo):
     print({k: round(metrics[k], 3) for k in KEYS})
     assert metrics["image_zero_shot_top1"] >= 0.20, metrics["image_zero_shot_top1"]
     assert metrics["image_to_text_r1"] >= 0.20
+    # the words alone, held-out voices (40 clips): measured 0.53; 8/40 right has p = 7e-4 by guessing
+    assert metrics["audio_zero_shot_top1_word_heldout_voices"] >= 0.20, metrics["audio_zero_shot_top1_word_heldout_voices"]
     assert "image_zero_shot_top1" in stdout
 
 
 def test_eta_and_expectation_are_printed(demo):
     """Before training the user learns what to expect; after the first steps of each stage, an ETA."""
     _, stdout, _ = demo
-    assert "the quick run takes about" in stdout
+    assert "the quick run takes up to" in stdout
     assert re.search(r"stage1: [0-9.]+ s/step; about [0-9]+ min left", stdout), stdout[-2000:]
     assert re.search(r"stage2: [0-9.]+ s/step; about [0-9]+ min left", stdout)
 

@@ -181,3 +181,14 @@ def test_library_imports_without_the_extra():
             "import onepeace.onnx; print('ok')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+def test_info_on_an_exported_folder_names_it(fixture_export, capsys):
+    """`onepeace info` on an ONNX folder says what it is (it has no PyTorch load report to print)."""
+    from onepeace.cli import main
+
+    _, onnx_model = fixture_export
+    folder = onnx_model.folder
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "an ONNX export" in out and "text" in out and "onnx.json" in out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from .common import Flags, load_model, parse_dtype
 
@@ -64,6 +65,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..modeling.quantized import quantization
 
     model = load_model(args)
+    if getattr(model, "load_report", None) is None:  # an ONNX export: graphs, not a PyTorch model
+        manifest = Path(args.model) / "onnx.json"
+        print(f"{args.model}: an ONNX export (onepeace export --format onnx), run by ONNX Runtime; "
+              f"branches {', '.join(model.modalities)}; its manifest: {manifest}")
+        if args.json:
+            print(manifest.read_text())
+        return 0
     report = model.load_report
     counts = parameter_counts(model)
     info = {

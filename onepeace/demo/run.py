@@ -83,20 +83,22 @@ def demo_model_config(s: DemoSettings) -> ModelConfig:
     )
 
 
-#: Wall minutes of the default demo from a fresh clone (data included), measured on 2-core machines;
-#: what `onepeace demo` tells a user before it starts (README "The demo" has the details).
-MEASURED_MINUTES = {"2 threads": 9.0, "1 thread": 40.0, "quick": 3.0}
+#: Wall minutes of the default demo from a fresh clone (data included), measured on a 2-core AMD EPYC
+#: (2026-12-01): idle, and shared with 3 other jobs (load 6-10, the threads following the load); the
+#: quick run with the load at 9. What `onepeace demo` tells a user before it starts (README "The demo").
+MEASURED_MINUTES = {"2 threads": 10.0, "1 thread": 35.0, "quick": 7.0}
 
 
 def expected_minutes(quick: bool = False, ablation: bool = False) -> str:
     """One line for the user: how long the run takes here and on a slower machine."""
     if quick:
-        return f"[onepeace demo] the quick run takes about {MEASURED_MINUTES['quick']:.0f} minutes on 2 CPU cores."
+        return (f"[onepeace demo] the quick run takes up to {MEASURED_MINUTES['quick']:.0f} minutes on 2 CPU cores "
+                "(measured with other jobs on them).")
     arms = 2 if ablation else 1
     fast, slow = MEASURED_MINUTES["2 threads"] * arms, MEASURED_MINUTES["1 thread"] * arms
     return (f"[onepeace demo] expect about {fast:.0f} minutes on 2 free CPU cores (data included) and up to "
-            f"{slow:.0f} on one core of a busy machine (measured: one thread, load 6-8); an ETA follows the first "
-            "training steps. `onepeace demo --quick` is a 3-minute version.")
+            f"{slow:.0f} on 2 cores shared with 3 other jobs (measured at load 6-10; the compute threads follow "
+            "the load); an ETA follows the first training steps. `onepeace demo --quick` is a short version.")
 
 
 def demo_loss_weights(task: str, dcl: bool, settings: DemoSettings) -> dict[str, float]:
