@@ -22,12 +22,15 @@ def save_converted(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _save_config(model, out / CONFIG_FILE)
+    from ..modeling.quantized import quantization
+
+    quantize = quantization(model)
+    _save_config(model, out / CONFIG_FILE, quantize)
     # fused (inference) models hold parameters as views of one tensor: safetensors wants owners
     state = {k: v.detach().clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size()
              else v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = out / (WEIGHTS_FILE + ".tmp")
-    if "quantize" in json.loads((out / CONFIG_FILE).read_text()):
+    if quantize:
         _write_plain(state, tmp)  # the 4B int8 model: no second in-memory copy of its ~4 GB
     else:
         save_file(state, str(tmp), metadata={"format": "pt", "library": "onepeace"})
@@ -120,8 +123,7 @@ def _read_weights(folder: Path, model, config, all_modalities, report: LoadRepor
             _load_int8_layers(f, model, report)
         for key in expected - int8:
             t = f.get_tensor(key)
-            report.storage_dtypes[str(t.dtype).replace("torch.", "")] = \
-                report.storage_dtypes.get(str(t.dtype).replace("torch.", ""), 0) + 1
+            _count_storage(report, t)
             if tuple(t.shape) != tuple(meta[key].shape):
                 raise CheckpointError(f"{folder}: {key} has shape {tuple(t.shape)}, expected {tuple(meta[key].shape)}")
             target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
@@ -129,13 +131,17 @@ def _read_weights(folder: Path, model, config, all_modalities, report: LoadRepor
     return loaded
 
 
-def _save_config(model: torch.nn.Module, path: Path) -> None:
-    """config.json: the model's config, plus "quantize": "int8" for an int8-quantised model."""
-    from ..modeling.quantized import quantization
+def _count_storage(report: LoadReport, t: torch.Tensor) -> None:
+    """One more tensor of t's dtype in the file (``report.storage_dtypes``)."""
+    name = str(t.dtype).replace("torch.", "")
+    report.storage_dtypes[name] = report.storage_dtypes.get(name, 0) + 1
 
+
+def _save_config(model: torch.nn.Module, path: Path, quantize: str | None) -> None:
+    """config.json: the model's config, plus "quantize": "int8" for an int8-quantised model."""
     data = model.config.to_dict()
-    if quantization(model):
-        data["quantize"] = quantization(model)
+    if quantize:
+        data["quantize"] = quantize
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -172,8 +178,7 @@ def _load_int8_layers(f: "_PlainSafetensors", model: torch.nn.Module, report: Lo
         layer.load_int8(q, scale, bias)
         release_freed_memory()  # the temporary fbgemm packed from (see release_freed_memory)
         for t in (q, scale) + (() if bias is None else (bias,)):
-            report.storage_dtypes[str(t.dtype).replace("torch.", "")] = \
-                report.storage_dtypes.get(str(t.dtype).replace("torch.", ""), 0) + 1
+            _count_storage(report, t)
 
 
 #: safetensors dtype names -> torch dtypes (the ones a converted folder can hold)

@@ -157,7 +157,11 @@ def train_arm(prefix: Path, data: Path, settings: DemoSettings, dcl: bool, bpe_d
 
     def hooks(stage: str):
         calls = [h for h in (eta.hook(stage) if eta else None, threads) if h is not None]
-        return (lambda step, metrics: [h(step, metrics) for h in calls]) if calls else None
+
+        def on_step(step: int, metrics: dict) -> None:
+            for call in calls:
+                call(step, metrics)
+        return on_step if calls else None
 
     s1 = _train_stage(prefix / "stage1", data / "train_vl.jsonl", settings, None, None, "stage1", dcl, bpe_dir, seed,
                       on_step=hooks("stage1"))

@@ -71,8 +71,9 @@ def reduce_range() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=1)
 def _malloc_trim():
-    """glibc's malloc_trim, or None (another C library, another OS)."""
+    """glibc's malloc_trim, or None (another C library, another OS); looked up once (called per layer)."""
     import ctypes
     import ctypes.util
 
