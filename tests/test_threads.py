@@ -27,7 +27,8 @@ def test_threads_fit_the_cores_the_other_jobs_leave(cores, load, own, expected):
 def test_the_hook_follows_the_load_every_n_steps_and_says_so():
     loads = iter([0.2, 5.5, 5.5, 1.2])
     said = []
-    follow = LoadFollowingThreads(every=10, cores=2, log=said.append, loadavg=lambda: (next(loads), 0.0, 0.0))
+    follow = LoadFollowingThreads(every=10, cores=2, log=said.append, loadavg=lambda: (next(loads), 0.0, 0.0),
+                                  clock=lambda: 0.0)  # the clock stands still: only the step count reads the load
     torch.set_num_threads(1)
     follow(1, {})  # step 1: load 0.2 with our 1 thread -> 2 threads
     assert torch.get_num_threads() == 2
@@ -40,6 +41,22 @@ def test_the_hook_follows_the_load_every_n_steps_and_says_so():
     assert torch.get_num_threads() == 2
     assert [c[:2] for c in follow.changes] == [(1, 2), (10, 1), (30, 2)]
     assert len(said) == 3 and "load average 5.5 on 2 cores: 1 compute thread (was 2)" in said[1]
+
+
+def test_slow_steps_read_the_load_by_the_clock():
+    # a job starts beside ours and a step takes 16 s: the load is read again after `seconds`, not 20 steps
+    now = [0.0]
+    loads = iter([1.9, 3.0])
+    follow = LoadFollowingThreads(every=20, cores=2, log=None, loadavg=lambda: (next(loads), 0.0, 0.0),
+                                  seconds=15.0, clock=lambda: now[0])
+    torch.set_num_threads(2)
+    follow(1, {})  # load 1.9 = our own 2 threads: stays 2
+    assert torch.get_num_threads() == 2
+    now[0] = 10.0
+    follow(2, {})  # 10 s later: not yet
+    now[0] = 26.0
+    follow(3, {})  # 16 s after the last reading: load 3.0 -> another job holds a core -> 1 thread
+    assert torch.get_num_threads() == 1 and follow.changes == [(3, 1, 3.0)]
 
 
 def test_without_a_load_average_nothing_changes():

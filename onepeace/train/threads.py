@@ -10,13 +10,16 @@ minutes should follow it.
 
 How: :func:`threads_for_load` gives the threads that fit on the cores the other jobs leave free,
 from the 1-minute load average minus our own threads (at least 1, at most the cores this process
-may use). :class:`LoadFollowingThreads` applies it every ``every`` training steps (an ``on_step``
-hook) and says so when it changes. The load average lags a minute behind; both directions err
+may use). :class:`LoadFollowingThreads` applies it every ``every`` training steps or ``seconds`` of
+wall time, whichever comes first (an ``on_step`` hook), and says so when it changes. The clock
+matters: when a job starts beside ours, a step can slow from 0.6 s to 16 s, and 20 steps would then
+be five minutes at the slow pace. The load average lags a minute behind; both directions err
 towards fewer threads, which costs at most the idle machine's 2-thread gain while it catches up.
 """
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable
 
 import torch
@@ -39,17 +42,21 @@ def threads_for_load(cores: int, load: float, own_threads: int) -> int:
 
 class LoadFollowingThreads:
     """An ``on_step(step, metrics)`` hook that sets ``torch.set_num_threads`` from the load every
-    ``every`` steps (see the module docstring); ``update()`` does it once (before evaluation, say)."""
+    ``every`` steps or ``seconds`` of wall time (see the module docstring); ``update()`` does it once
+    (before evaluation, say)."""
 
     def __init__(self, every: int = 20, cores: int | None = None, log: Callable[[str], None] | None = print,
-                 loadavg: Callable[[], tuple[float, float, float]] | None = None):
-        self.every, self.cores, self.log = every, cores or usable_cores(), log
+                 loadavg: Callable[[], tuple[float, float, float]] | None = None, seconds: float = 15.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.every, self.cores, self.log, self.seconds, self._clock = every, cores or usable_cores(), log, seconds, clock
+        self._last_read = clock()
         self._loadavg = loadavg or getattr(os, "getloadavg", None)
         self.changes: list[tuple[int, int, float]] = []  # (step, threads, load) at each change
 
     def update(self, step: int = 0) -> int:
         """Set and return the thread count for the current load (unchanged where there is no load average)."""
         current = torch.get_num_threads()
+        self._last_read = self._clock()
         if self._loadavg is None:
             return current
         try:
@@ -66,5 +73,5 @@ class LoadFollowingThreads:
         return wanted
 
     def __call__(self, step: int, _metrics: dict | None = None) -> None:
-        if step == 1 or step % self.every == 0:
+        if step == 1 or step % self.every == 0 or self._clock() - self._last_read >= self.seconds:
             self.update(step)
