@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -34,7 +34,8 @@ def create_model(name_or_config: str | ModelConfig, device: torch.device | str =
 
 def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32,
          modalities: Sequence[str] | None = None, allow_unsafe_pickle: bool = False, fuse: bool | None = None,
-         compile: bool = False, pack: bool | None = None, quantize: str | None = None) -> OnePeaceModel:
+         compile: bool = False, pack: bool | None = None, quantize: str | None = None,
+         calibration: Any = None) -> OnePeaceModel:
     """Load a released ONE-PEACE `.pt` checkpoint, a folder written by `onepeace convert`, a folder written by
     `onepeace export --format onnx` (an `onepeace.onnx.OnnxModel`: the same encode_* API on ONNX Runtime), or a released
     checkpoint by name (see :func:`list_pretrained`: "one-peace" is the 4B model), fetched into
@@ -60,6 +61,10 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
         quantised per call: PyTorch's dynamic quantisation, `onepeace.modeling.quantized`): CPU and
         float32 only, inference only, not with pack=True, fuse or compile. A folder written by
         ``onepeace convert --quantize int8`` loads as int8 without it (its config.json says so).
+    calibration: with quantize="int8", real inputs like those you will embed ({"text": [...], "image": [...]}
+        or files / folders): each FFN's output projection is smoothed for int8 first (SmoothQuant:
+        `onepeace.modeling.smoothing`). Holds the float model once: for the 4B model, calibrate in
+        ``onepeace convert --quantize int8 --calibrate FILES`` and load the int8 folder.
     The returned model is in eval mode; `model.load_report` says what was ignored or recomputed.
     """
     from .checkpoint import CONFIG_FILE, load_converted, load_released_checkpoint
@@ -78,6 +83,8 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
         return _load_onnx(path, device, dtype, modalities, fuse, compile, pack)
     if quantize is not None:
         _check_quantize_args(quantize, device, dtype, pack, fuse, compile)
+    elif calibration is not None:
+        raise ValueError("calibration= calibrates int8 quantisation: pass quantize='int8' with it")
     if path.is_dir():
         if not (path / CONFIG_FILE).exists():
             raise FileNotFoundError(f"{path} is a folder without {CONFIG_FILE}: not a converted onepeace model")
@@ -86,7 +93,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
         model, _ = load_released_checkpoint(path, modalities=modalities, dtype=None if quantize else dtype,
                                             device=device, allow_unsafe=allow_unsafe_pickle)
     if quantize is not None or _int8(model):
-        return _quantized(model, quantize, device, dtype, pack, fuse, compile)
+        return _quantized(model, quantize, device, dtype, pack, fuse, compile, calibration)
     fused = bool(fuse or (fuse is None and torch.device(device).type == "cuda"))
     if pack and (compile or fuse):
         raise ValueError(f"pack=True and {'compile' if compile else 'fuse'}=True do not mix: packed weights cannot "
@@ -131,11 +138,16 @@ def _int8(model: OnePeaceModel) -> bool:
     return quantization(model) is not None
 
 
-def _quantized(model: OnePeaceModel, quantize, device, dtype, pack, fuse, compile) -> OnePeaceModel:
-    """A loaded model made (or, from an int8 folder, already) int8; the rest cast to float32."""
+def _quantized(model: OnePeaceModel, quantize, device, dtype, pack, fuse, compile, calibration=None) -> OnePeaceModel:
+    """A loaded model made (or, from an int8 folder, already) int8, calibrated first if asked; the rest
+    cast to float32."""
     from .modeling.quantized import quantize_int8
 
     _check_quantize_args(quantize or "int8", device, dtype, pack, fuse, compile)
+    if calibration is not None:
+        from .modeling.smoothing import calibrate_for_int8
+
+        model.load_report.config_notes.append(calibrate_for_int8(model, calibration))  # refuses an int8 folder
     if not _int8(model):
         n = quantize_int8(model)  # layer by layer: each float weight released as it is replaced
         model.load_report.config_notes.append(f"quantize=int8: {n} encoder linear layers int8")

@@ -15,6 +15,10 @@ def register(sub, flags: Flags) -> None:
     p.add_argument("--dtype", type=parse_dtype, default=None, help="storage dtype of the output (default: keep)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: the encoder's linear layers stored as int8 + per-channel scales (CPU inference)")
+    p.add_argument("--calibrate", nargs="+", default=None, metavar="PATH",
+                   help="with --quantize int8: images, audio and text files (or folders) like those you will embed; "
+                        "up to 64 per modality run through the float model to smooth each FFN's output projection "
+                        "for int8 (SmoothQuant; see onepeace.modeling.smoothing)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", parents=[flags.model], help="config, parameters per modality, dtype")
@@ -30,11 +34,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from ..modeling.quantized import check_quantize
 
         check_quantize(args.quantize, dtype=args.dtype)  # before reading the checkpoint
+    if args.calibrate and not args.quantize:
+        raise ValueError("--calibrate calibrates int8 quantisation: add --quantize int8")
+    if args.calibrate:
+        from ..modeling.smoothing import calibration_inputs
+
+        calibration = calibration_inputs(args.calibrate)  # a bad file fails here, before the checkpoint is read
     model, report = load_released_checkpoint(args.checkpoint, dtype=args.dtype, modalities=args.modalities,
                                              allow_unsafe=args.allow_unsafe_pickle)
     if args.quantize:
         from ..modeling.quantized import quantize_int8
 
+        if args.calibrate:
+            from ..modeling.smoothing import calibrate_for_int8
+
+            print(calibrate_for_int8(model, calibration))
         print(f"quantised {quantize_int8(model, pack=False)} encoder linear layers to int8")
     out = save_converted(model, args.out_dir)
     print(report.summary())
