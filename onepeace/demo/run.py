@@ -53,7 +53,7 @@ class DemoSettings:
     # stage 1's image masks, both the image-only and the joint view (None: the paper's 0.75 / 0.6875).
     # A 64-px image has 16 patches, and the paper's ratios leave 4 (5) of them to denoise from. Stage 1
     # alone, seeds 0/1/2 (2026-12-01): image zero-shot 0.811 / 0.799 / 0.805 with 0.5, against
-    # 0.786 / 0.752 / 0.749 with the paper's ratios and 0.829 / 0.820 / 0.829 without the denoising contrast
+    # 0.786 / 0.752 / 0.749 with the paper's ratios and 0.829 / 0.820 / 0.784 without the denoising contrast
     image_mask_ratio: float | None = 0.5
 
     @classmethod
@@ -120,9 +120,9 @@ def _train_stage(out: Path, manifest: Path, settings: DemoSettings, model_dir: P
                  stage: str, dcl: bool, bpe_dir: str | None, seed: int, on_step=None) -> Path:
     from ..checkpoint import save_converted
     from ..data.augment import AudioAugmentConfig
+    from ..data.masking import MaskingConfig
     from ..train.config import STAGES, TrainConfig
     from ..train.loop import Trainer
-    from ..data.masking import MaskingConfig
     from ..train.objectives import LossConfig
 
     task = STAGES[stage].task
