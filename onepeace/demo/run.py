@@ -89,9 +89,10 @@ def demo_model_config(s: DemoSettings) -> ModelConfig:
 
 
 #: Wall minutes of the default demo from a fresh clone (data included), measured on a 2-core AMD EPYC
-#: (2026-12-01): idle, and shared with 3 other jobs (load 6-10, the threads following the load); the
-#: quick run with the load at 9. What `onepeace demo` tells a user before it starts (README "The demo").
-MEASURED_MINUTES = {"2 threads": 10.0, "1 thread": 35.0, "quick": 7.0}
+#: (2026-12-01): idle 10.7 (the half-masked stage 1), and shared with 3 other jobs 34.6 (load 6-10, the
+#: threads following the load; the paper's masks, whose stage-1 step is 4% cheaper); the quick run with
+#: the load at 9. What `onepeace demo` tells a user before it starts (README "The demo").
+MEASURED_MINUTES = {"2 threads": 11.0, "1 thread": 35.0, "quick": 7.0}
 
 
 def expected_minutes(quick: bool = False, ablation: bool = False) -> str:
