@@ -70,7 +70,6 @@ def reduce_range() -> bool:
     return not ({"avx512_vnni", "avx_vnni"} & set(flags))
 
 
-@functools.lru_cache(maxsize=None)
 @functools.lru_cache(maxsize=1)
 def _malloc_trim():
     """glibc's malloc_trim, or None (another C library, another OS); looked up once (called per layer)."""
