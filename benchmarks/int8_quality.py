@@ -9,7 +9,8 @@ runs/demo-ablation/seedS/ARM/model of `onepeace demo --seeds`); DATA (last): the
 (`onepeace.demo.data.build_demo_data`). Each model is loaded as `onepeace.load` gives it (float32),
 with ``quantize="int8"``, in int8 calibrated on 64 texts, 64 images and 64 clips of the demo's
 *training* manifests (``calibration=``: `onepeace.modeling.smoothing`), and in bfloat16 (``dtype=torch.bfloat16``; left out where this CPU cannot
-run it). Printed per model:
+run it); and the int8 model once more with one activation scale per call (``int8-per-call``: fbgemm's
+own, what torch's ``quantize_dynamic`` gives) instead of one per row. Printed per model:
 - per modality (held-out images, held-out audio of both the held-out voices and the held-out
   engine, the caption templates): mean and minimum cosine between each item's int8 and float32
   embedding (target: mean >= 0.99);
@@ -34,6 +35,7 @@ import torch
 import onepeace
 from onepeace.demo.run import evaluate_arm
 from onepeace.eval.zero_shot import evaluate
+from onepeace.modeling.quantized import Int8Linear
 
 COSINE_TARGET, METRIC_TARGET = 0.99, 0.01
 # the metrics are float32 fractions (2 of 200 clips: 0.0100000054): compare at float32 resolution
@@ -88,11 +90,14 @@ def one_model(model_dir: str, data: Path, concepts: dict, bpe_dir: str | None) -
     """Cosines against float32 and every metric, per variant, for one model (and prints them)."""
     models = load_variants(model_dir, data, bpe_dir)
     emb, metrics, seconds = {}, {}, {}
-    for name, model in models.items():
+    for name, model in [*models.items(), ("int8-per-call", models["int8"])]:
+        Int8Linear.row_scaling = name != "int8-per-call"  # the same int8 model with one scale per call
         t = time.perf_counter()
         emb[name] = embeddings(model, data, concepts)
         metrics[name], _ = evaluate_arm(model, data, concepts)
         seconds[name] = time.perf_counter() - t
+    Int8Linear.row_scaling = True
+    models["int8-per-call"] = models["int8"]
     cos = {name: cosine_table(emb["float32"], emb[name]) for name in models if name != "float32"}
     print(f"\nmodel {model_dir}; eval time " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     print(f"{'modality':<10} {'items':>6} " + " ".join(f"{'mean cos ' + n:>15} {'min':>8}" for n in cos)
@@ -115,7 +120,7 @@ def one_model(model_dir: str, data: Path, concepts: dict, bpe_dir: str | None) -
 def across_models(results: list[dict]) -> dict[str, dict[str, float]]:
     """Per variant, over every model and metric: differences outside the band, mean, mean |diff|."""
     summary = {}
-    for name in ("int8", "int8-cal", "bfloat16"):
+    for name in ("int8", "int8-cal", "int8-per-call", "bfloat16"):
         diffs = [r["metrics"][name][k] - a for r in results if name in r["metrics"]
                  for k, a in r["metrics"]["float32"].items() if not math.isnan(r["metrics"][name][k] - a)]
         if diffs:

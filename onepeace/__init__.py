@@ -58,7 +58,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
         ONEPEACE_CPU_PROBE=0 skips it: packed), reported in ``model.load_report.cpu_choice``.
         A packed model refuses training and gradients: ``model.to_dense()`` (or pack=False) for those.
     quantize: "int8" quantises the encoder's linear layers (int8 weights per output channel, activations
-        quantised per call: PyTorch's dynamic quantisation, `onepeace.modeling.quantized`): CPU and
+        quantised per call with one scale per token: `onepeace.modeling.quantized`): CPU and
         float32 only, inference only, not with pack=True, fuse or compile. A folder written by
         ``onepeace convert --quantize int8`` loads as int8 without it (its config.json says so).
     calibration: with quantize="int8", real inputs like those you will embed ({"text": [...], "image": [...]}

@@ -242,3 +242,34 @@ def test_calibration_refusals(tmp_path, int8_model, capsys):
                            {"image": [str(require(ASSETS / "dog.JPEG"))]})
     assert main(["convert", str(require(TINY_CKPT)), str(tmp_path / "x"), "--calibrate", str(bad)]) != 0
     assert "--quantize int8" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_loud_row_costs_the_other_rows_no_precision():
+    """Each row (token) is quantised on its own range: a row 100x louder than the rest (an end token, a
+    loud frame) leaves the other rows' int8 error where it is alone. With one scale per call (fbgemm's
+    own), those rows would get ~1/100 of the levels; the comparison shows the difference."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 512)
+    layer = Int8Linear.from_linear(linear)
+    quiet = torch.randn(8, 256)
+    with torch.no_grad():
+        exact = quiet @ layer.dense_weight().T + layer.bias  # the int8 weight's own product: activation error only
+
+        def error(y):
+            return ((y - exact).norm(dim=-1) / exact.norm(dim=-1)).max().item()
+
+        alone = error(layer(quiet))
+        beside_loud = error(layer(torch.cat([quiet, 100 * torch.randn(1, 256)]))[:8])
+        q, scale = layer.int8_weight()
+        one_scale = error(torch.ops.quantized.linear_dynamic(
+            torch.cat([quiet, 100 * torch.randn(1, 256)]), _fbgemm_packed(q, scale, layer.bias), reduce_range())[:8])
+    print(f"\nint8 relative error of 8 rows: alone {alone:.4f}, beside a 100x row {beside_loud:.4f}, "
+          f"with one scale for the call {one_scale:.4f}")
+    assert alone < 0.02 and beside_loud < 1.5 * alone, (alone, beside_loud)
+    assert one_scale > 5 * beside_loud  # what per-row scaling avoids
+
+
+def _fbgemm_packed(q, scale, bias):
+    from onepeace.modeling.quantized import _prepack
+
+    return _prepack(q, scale, bias)

@@ -2,8 +2,9 @@
 
 Why: the input of every FFN's ``fc_out`` (the FFN's LayerNorm over its hidden width F) has outlier
 channels. Measured on a trained demo model: a channel's largest value was up to 27-73x the median
-channel's, against 2-4x at the inputs of the attention projections and of wi_0 / wi_1. int8
-activations share one scale per call, so most of fc_out's channels got a few of the 256 levels:
+channel's, against 2-4x at the inputs of the attention projections and of wi_0 / wi_1. A token's
+int8 activations share one scale (one per call before per-row scaling, one per row now: an outlier
+channel sets it either way), so most of fc_out's channels got a few of the 256 levels:
 fc_out's int8 relative error was 2.0-3.4% against 0.7-0.9% for every other linear layer, and int8
 moved the demo's metrics more than bfloat16 does (mean |change| 0.0034 vs 0.0025 over nine models).
 
@@ -16,6 +17,9 @@ the same function (to float rounding); only the int8 products see the difference
 model, calibrated and measured on the same 40 images, 40 texts and 24 clips, the fc_out error fell
 from 2.0-4.0% to 1.1-1.7%; calibrated on training items and measured on the held-out ones, the demo
 metrics moved no more than in bfloat16 (mean |change| 0.0021; `benchmarks/int8_quality.py`).
+With per-row activation scales (`onepeace.modeling.quantized`) calibration still raises every
+modality's mean cosine to float32 (1 - cosine falls by about 40%, four demo models), but the demo
+metrics already move less than in bfloat16 without it.
 
 The ranges come from running the float model on real inputs of each modality (a Multiway FFN only
 sees its own modality's tokens; an FFN without calibration inputs stays as it is). Two data-free
