@@ -152,13 +152,20 @@ def test_linear_decision(monkeypatch, table, pack, dense_above):
     assert choice.source == "measured" and choice.timings_ms
 
 
-@pytest.mark.parametrize("eager_large, eager_small, kernel", [(1.0, 0.01, "eager"), (1.95, 0.01, "sdpa"),
-                                                               (1.0, 0.02, "sdpa")])
-def test_attention_decision(monkeypatch, eager_large, eager_small, kernel):
-    """eager only where it wins by the margin on the large shape and does not lose on the small one."""
-    fake_timings(monkeypatch, {"packed": 1, "plain": 2, "x13 sdpa": 0.01, "x13 eager": eager_small,
-                               "257 sdpa": 2.0, "257 eager": eager_large})
-    assert cpu_choice.probe(TINY_SHAPE).attention == kernel
+@pytest.mark.parametrize("eager_257, eager_750, eager_13, kernel", [
+    (1.0, 4.0, 0.01, "eager"),   # eager wins both long shapes, ties the short one
+    (1.95, 4.0, 0.01, "sdpa"),   # a 2.5% win on images is inside the margin
+    (1.0, 4.0, 0.02, "sdpa"),    # eager loses the short text
+    (1.0, 5.5, 0.01, "sdpa"),    # wins images but loses the 15-s clip (what an AMD EPYC Zen 5 measured)
+])
+def test_attention_decision(monkeypatch, eager_257, eager_750, eager_13, kernel):
+    """eager only where it wins by the margin on every long shape and does not lose on the short one."""
+    fake_timings(monkeypatch, {"packed": 1, "plain": 2, "x13 sdpa": 0.01, "x13 eager": eager_13,
+                               "257 sdpa": 2.0, "257 eager": eager_257, "750 sdpa": 5.0, "750 eager": eager_750})
+    choice = cpu_choice.probe(TINY_SHAPE)
+    assert choice.attention == kernel
+    if kernel == "eager":  # every shape was timed before eager was taken
+        assert {"attn1x13 eager", "attn2x257 eager", "attn1x750 eager"} <= set(choice.timings_ms)
 
 
 def test_thread_decision(monkeypatch):

@@ -14,9 +14,12 @@ of a busy 2-core machine -- about 0.3 s of wall time on a quiet one, estimated; 
   batch, the packed layers use a per-call dense copy of the weight from `large_rows` rows on
   (`PackedLinear.dense_above`: one layer's weight at a time, never a second copy of the model) if that
   measured faster too; where packing wins nowhere, plain weights.
-- attention: torch's fused kernel (sdpa) vs the explicit float32-softmax one (eager) on (2, H, 257, hd)
-  and (1, H, 13, hd) with an additive mask; eager is taken only where it wins by `MARGIN` on the large
-  shape and does not lose on the small one.
+- attention: torch's fused kernel (sdpa) vs the explicit float32-softmax one (eager) with an additive
+  mask on (1, H, 13, hd) (a short text), (2, H, 257, hd) (images) and (1, H, 750, hd) (a 15-s clip);
+  eager is taken only where it wins by `MARGIN` on BOTH long shapes and does not lose on the short
+  one (timed in that order, stopping where eager loses). Why the clip: on an AMD EPYC (Zen 5) one probe
+  saw eager win 2 x 257 by 10%, yet the model then ran 15-s audio 1.3x slower than with sdpa (eager's
+  (B, H, S, S) float32 scores leave the caches: 1.4x slower at 1 x 750, 2.6x at 4 x 750 there).
 - threads: torch's current count vs the physical cores this process may run on, timed on the large
   products where they differ (not where OMP_NUM_THREADS / MKL_NUM_THREADS is set: the user chose).
 Every switch away from today's default (packed, sdpa, torch's threads) needs a `MARGIN` (5%) win.
@@ -54,8 +57,10 @@ from .packed import PackedLinear, cpu_can_pack, pack_linears, set_dense_above
 
 ENV_PROBE = "ONEPEACE_CPU_PROBE"  # "0": no probe (today's default); "refresh": measure again
 CACHE_FILE = "cpu-choice.json"
-CACHE_VERSION = 1  # bump when what is measured changes: older entries are then re-measured
+CACHE_VERSION = 2  # bump when what is measured changes: older entries are then re-measured
 MARGIN = 1.05  # a switch away from the default must be this much faster (the probe's noise on a busy machine)
+#: (batch, tokens) the attention kernels are timed on: a short text, an image pair at 256 px, a 15-s clip
+ATTENTION_SHAPES = ((1, 13), (2, 257), (1, 750))
 SMALL_ROWS = 16  # a short query (a caption, one 12-token text)
 # the CPU flags that select torch's / oneDNN's / MKL's kernels, and the variables that limit them
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
@@ -330,22 +335,22 @@ def _probe_linear(shape: ProbeShape, gen: torch.Generator, timings: dict) -> tup
 
 
 def _probe_attention(shape: ProbeShape, gen: torch.Generator, timings: dict) -> str:
-    """"sdpa" or "eager", timed on (2, H, 257, hd) and (1, H, 13, hd) with an additive (1, H, S, S) mask."""
+    """"sdpa" or "eager", timed with an additive (1, H, S, S) mask on (B, H, S, hd) for the shapes of
+    `ATTENTION_SHAPES`: eager only where it wins by MARGIN on every long one and does not lose on the
+    short one (measured in that order, so where eager loses early the long clip is never timed)."""
     H, hd = shape.heads, max(1, shape.dim // shape.heads)
-    result = {}
-    for B, S in ((1, 13), (2, 257)):  # a short text; image batches (257 tokens at 256 px)
+    for B, S in ATTENTION_SHAPES:  # cheapest first; stop at the first shape eager does not win
         q, k, v = (torch.randn(B, H, S, hd, generator=gen).to(shape.dtype) for _ in range(3))
         mask = torch.randn(1, H, S, S, generator=gen).to(shape.dtype)
+        short = S < 64
         t = _medians({f"attn{B}x{S} sdpa": lambda: attend(q, k, v, mask, eager=False),
-                      f"attn{B}x{S} eager": lambda: attend(q, k, v, mask, eager=True)}, reps=3 if B > 1 else 5,
-                     warmup=B == 1)
+                      f"attn{B}x{S} eager": lambda: attend(q, k, v, mask, eager=True)}, reps=5 if short else 3,
+                     warmup=short)
         timings.update(t)
-        result[B] = t
-    small, large = result[1], result[2]
-    if (large["attn2x257 eager"] * MARGIN < large["attn2x257 sdpa"]
-            and small["attn1x13 eager"] <= small["attn1x13 sdpa"] * MARGIN):
-        return "eager"
-    return "sdpa"
+        sdpa, eager = t[f"attn{B}x{S} sdpa"], t[f"attn{B}x{S} eager"]
+        if not (eager <= sdpa * MARGIN if short else eager * MARGIN < sdpa):
+            return "sdpa"
+    return "eager"
 
 
 def _probe_threads(current: int, large_call: Callable, timings: dict, fixed: bool = False) -> int:
